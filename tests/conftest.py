@@ -34,3 +34,10 @@ def smollm2_hf_tokenizer():
     return AutoTokenizer.from_pretrained(
         package_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
     )
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from engram_serve.model.default_model import default_model_dir as build
+
+    return build(progress=False)

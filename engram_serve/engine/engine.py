@@ -1,0 +1,268 @@
+"""The engine: one `step()` moves every unfinished request forward.
+
+    schedule -> hash -> prefetch -> forward -> sample -> postprocess
+
+Engram row ids depend only on token ids, so they are computed before the forward pass and every
+Engram layer's rows are requested at once; the model waits for a layer's rows only inside that
+layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engram_serve.config import EngineConfig, ModelConfig
+from engram_serve.engine.kv_cache import BlockManager, allocate_cache, kv_bytes_per_block
+from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.engine.output import OutputTracker
+from engram_serve.engine.request import Request, RequestOutput, SamplingParams
+from engram_serve.engine.sampler import SampleOutput, sample
+from engram_serve.engine.scheduler import QueueFullError, ScheduledBatch, Scheduler
+from engram_serve.engine.tokenizer import Tokenizer
+from engram_serve.model.batch import AttentionMetadata, ForwardBatch, RowHandle
+
+__all__ = ["Engine", "EngramRuntime", "QueueFullError", "RequestTooLongError"]
+
+
+class RequestTooLongError(ValueError):
+    """The prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+@dataclass
+class EngramRuntime:
+    """What the engine needs to feed Engram layers: the hasher and a prefetcher
+    (offload/prefetch.py: `prefetch(row_ids [L, T, C]) -> RowHandle`)."""
+
+    hasher: NgramHasher
+    prefetcher: object
+
+
+@dataclass
+class StepStats:
+    num_prompt_tokens: int = 0  # cumulative, prefill tokens computed (recomputes included)
+    num_generation_tokens: int = 0
+    num_steps: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+        config: EngineConfig = EngineConfig(),
+        engram: EngramRuntime | None = None,
+    ):
+        self.model, self.model_config, self.tokenizer = model, model_config, tokenizer
+        self.config, self.engram = config, engram
+        self.dtype = getattr(torch, config.dtype)
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_position_embeddings,
+            model_config.max_position_embeddings,
+        )
+        self.blocks = BlockManager(self._num_kv_blocks(), config.kv_block_size)
+        self.cache = allocate_cache(
+            model_config, self.blocks.num_blocks, config.kv_block_size, self.dtype,
+            self._engram_conv_shapes(), config.device,
+        )
+        self.scheduler = Scheduler(config, self.blocks)
+        self.trackers: dict[str, OutputTracker] = {}
+        self.stats = StepStats()
+        self._rng = np.random.default_rng(config.seed)  # seeds of requests that bring none
+        self._request_ids = itertools.count()
+
+    # -- the spine --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        inputs = self._prepare_inputs(batch)
+        inputs.engram_rows = self._prefetch_rows(batch, inputs)  # hash -> prefetch
+        logits = self.model(inputs)  # [S', V] for requests that sample this step
+        sampling = [r for r, n in zip(batch.requests, batch.num_new_tokens) if _samples(r, n)]
+        sampled = sample(logits, sampling)
+        return self._postprocess(batch, sampling, sampled)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> Request:
+        """Queue a request. Raises RequestTooLongError, ValueError (bad token ids) or
+        QueueFullError; nothing is queued then."""
+        self._check_prompt(prompt_token_ids, sampling)
+        request = Request(
+            request_id=request_id if request_id is not None else f"req-{next(self._request_ids)}",
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=sampling,
+            prompt=prompt,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            max_total_len=self.max_model_len,
+        )
+        if request.request_id in self.trackers:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**62))
+        request.generator = torch.Generator().manual_seed(seed)
+        self.scheduler.add(request)
+        self.trackers[request.request_id] = OutputTracker(request, self.tokenizer)
+        return request
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return None
+        return self.trackers.pop(request_id).output()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage
+
+    def _check_prompt(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of vocabulary (vocab size {vocab})")
+        requested = sampling.max_tokens or 1
+        if num_prompt + requested > self.max_model_len:
+            raise RequestTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {num_prompt + requested} tokens ({num_prompt} in the messages, "
+                f"{requested} in the completion). Please reduce the length of the messages or "
+                "completion."
+            )
+
+    # -- step phases ------------------------------------------------------------------------
+
+    def _prepare_inputs(self, batch: ScheduledBatch) -> ForwardBatch:
+        """Flat token ids and positions of the step, and where each token's KV goes."""
+        token_ids, positions, slots, logits_indices = [], [], [], []
+        seq_lens, start_locs = [], [0]
+        block_size = self.blocks.block_size
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            start = request.num_computed_tokens
+            pos = np.arange(start, start + num_new)
+            token_ids.extend(request.all_token_ids[start : start + num_new])
+            positions.append(pos)
+            blocks = np.asarray(request.block_ids)
+            slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+            seq_lens.append(start + num_new)
+            start_locs.append(start_locs[-1] + num_new)
+            if _samples(request, num_new):
+                logits_indices.append(start_locs[-1] - 1)
+        max_blocks = max(len(r.block_ids) for r in batch.requests)
+        block_tables = np.zeros((len(batch.requests), max_blocks), dtype=np.int64)
+        for i, request in enumerate(batch.requests):
+            block_tables[i, : len(request.block_ids)] = request.block_ids
+        attn = AttentionMetadata(
+            query_start_loc=torch.tensor(start_locs),
+            seq_lens=torch.tensor(seq_lens),
+            block_tables=torch.from_numpy(block_tables),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)),
+            max_seq_len=max(seq_lens),
+            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+        )
+        return ForwardBatch(
+            token_ids=torch.tensor(token_ids),
+            positions=torch.from_numpy(np.concatenate(positions)),
+            attn=attn,
+            cache=self.cache,
+            state_slots=torch.tensor([r.state_slot for r in batch.requests]),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+        )
+
+    def _prefetch_rows(self, batch: ScheduledBatch, inputs: ForwardBatch) -> RowHandle | None:
+        """Hash the step's tokens with each request's lookback, then start fetching every
+        Engram layer's rows."""
+        if self.engram is None:
+            return None
+        hasher = self.engram.hasher
+        lookbacks = []
+        for request in batch.requests:
+            start = request.num_computed_tokens
+            history = request.all_token_ids[max(0, start - hasher.lookback_len) : start]
+            lookbacks.append(hasher.lookback(hasher.compress(history)))
+        row_ids = hasher.row_ids(
+            hasher.compress(inputs.token_ids.numpy()),
+            inputs.attn.query_start_loc.numpy(),
+            np.stack(lookbacks),
+        )
+        return self.engram.prefetcher.prefetch(row_ids)
+
+    def _postprocess(
+        self, batch: ScheduledBatch, sampling: list[Request], sampled: SampleOutput
+    ) -> list[RequestOutput]:
+        now = time.monotonic()
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            start, num_prompt = request.num_computed_tokens, len(request.prompt_token_ids)
+            self.stats.num_prompt_tokens += max(0, min(start + num_new, num_prompt) - start)
+            request.num_computed_tokens = start + num_new
+        self.stats.num_generation_tokens += len(sampling)
+        self.stats.num_steps += 1
+        outputs = []
+        for request, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+            request.metrics.first_token_time = request.metrics.first_token_time or now
+            request.metrics.last_token_time = now
+            finish = self.trackers[request.request_id].append(token_id, logprobs)
+            if finish is not None:
+                self.scheduler.running.remove(request)
+                self.scheduler.finish(request, *finish)
+            tracker = self.trackers[request.request_id]
+            outputs.append(tracker.output())
+            if request.is_finished:
+                del self.trackers[request.request_id]
+        return outputs
+
+    # -- sizing -----------------------------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        num_blocks = config.num_kv_blocks or config.kv_cache_bytes // kv_bytes_per_block(
+            self.model_config, config.kv_block_size, self.dtype
+        )
+        needed = -(-self.max_model_len // config.kv_block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {config.kv_block_size} tokens, fewer "
+                f"than one sequence of max_model_len={self.max_model_len} needs ({needed}); "
+                "raise the KV budget or lower max_model_len"
+            )
+        return num_blocks
+
+    def _engram_conv_shapes(self) -> dict[int, tuple[int, ...]]:
+        shapes = {}
+        for layer in self.model.model.layers:
+            engram = getattr(layer, "engram", None)
+            if engram is not None and engram.history_len > 0:
+                width = engram.config.hc_mult * self.model_config.hidden_size
+                shapes[layer.layer_id] = (self.config.max_num_seqs, engram.history_len, width)
+        return shapes
+
+
+def _samples(request: Request, num_new: int) -> bool:
+    """A request samples when this step computes its last known token."""
+    return request.num_computed_tokens + num_new == request.num_tokens

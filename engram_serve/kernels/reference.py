@@ -1,0 +1,153 @@
+"""Pure-torch twins of the Engram kernels: the CPU path and the oracle the Triton kernels are
+tested against. Each function states its formula; shapes are in the comments.
+
+Byte formats (DeepSeek-V4.1 checkpoints):
+- FP8-E4M3 ("E4M3FN"): sign bit, 4 exponent bits (bias 7), 3 mantissa bits. Exponent field 0 is
+  subnormal: (-1)^s * m/8 * 2**-6. Otherwise (-1)^s * (1 + m/8) * 2**(e-7). No infinities; only
+  0x7F and 0xFF (all exponent and mantissa bits set) are NaN, so the largest value is 448.
+- UE8M0: an unsigned power of two, value = 2**(byte - 127); 0xFF is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FP8_VIEW_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e8m0fnu") if hasattr(torch, name)
+)
+
+
+def _fp8_e4m3_value(byte: int) -> float:
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+    if exponent == 0xF and mantissa == 0x7:
+        return math.nan
+    if exponent == 0:
+        return sign * mantissa / 8 * 2.0**-6
+    return sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+
+
+def _ue8m0_value(byte: int) -> float:
+    return math.nan if byte == 0xFF else 2.0 ** (byte - 127)
+
+
+# Every value of both formats is exactly representable in float32 (2**-127 as a subnormal), so
+# a 256-entry table decodes exactly on any device.
+FP8_E4M3_TABLE = torch.tensor([_fp8_e4m3_value(b) for b in range(256)], dtype=torch.float32)
+UE8M0_TABLE = torch.tensor([_ue8m0_value(b) for b in range(256)], dtype=torch.float32)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of an FP8 tensor: uint8 passes through, torch float8 dtypes are viewed."""
+    if t.dtype == torch.uint8:
+        return t
+    if t.dtype in _FP8_VIEW_DTYPES:
+        return t.view(torch.uint8)
+    raise TypeError(f"expected uint8 or float8 bytes, got {t.dtype}")
+
+
+def decode_fp8_e4m3(b: torch.Tensor) -> torch.Tensor:
+    """FP8-E4M3 bytes (any shape) -> float32 of the same shape, exact."""
+    b = as_bytes(b)
+    return FP8_E4M3_TABLE.to(b.device)[b.long()]
+
+
+def decode_ue8m0(b: torch.Tensor) -> torch.Tensor:
+    """UE8M0 bytes (any shape) -> float32 2**(byte - 127), exact."""
+    b = as_bytes(b)
+    return UE8M0_TABLE.to(b.device)[b.long()]
+
+
+def dequantize_rows(rows: torch.Tensor, scales: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Row-wise block scales: out[r, i] = fp8(rows[r, i]) * ue8m0(scales[r, i // block]).
+
+    rows `[..., W]` FP8 bytes, scales `[..., W / block]` UE8M0 bytes -> float32 `[..., W]`.
+    """
+    width = rows.shape[-1]
+    if width % block or scales.shape != (*rows.shape[:-1], width // block):
+        raise ValueError(
+            f"rows {tuple(rows.shape)} need scales of shape "
+            f"{(*rows.shape[:-1], width // block)} (one per {block} values), "
+            f"got {tuple(scales.shape)}"
+        )
+    values = decode_fp8_e4m3(rows).unflatten(-1, (width // block, block))  # [..., W/block, block]
+    return (values * decode_ue8m0(scales)[..., None]).flatten(-2)
+
+
+def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Square block scales (weights):
+    out[m, k] = fp8(w[m, k]) * ue8m0(scale[m // block, k // block]).
+
+    w `[M, K]` FP8 bytes, scale `[ceil(M/block), ceil(K/block)]` UE8M0 bytes -> float32 `[M, K]`.
+    """
+    m, k = w.shape
+    expected = (-(-m // block), -(-k // block))
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"weight {(m, k)} with {block}x{block} blocks needs scale {expected}, "
+            f"got {tuple(scale.shape)}"
+        )
+    s = decode_ue8m0(scale).repeat_interleave(block, 0)[:m].repeat_interleave(block, 1)[:, :k]
+    return decode_fp8_e4m3(w) * s
+
+
+def gather_rows(
+    table: torch.Tensor, row_ids: torch.Tensor, scale: torch.Tensor | None = None, block: int = 32
+) -> torch.Tensor:
+    """out[..., :] = table[row_ids[...], :] as float32; FP8 tables are dequantized with `scale`.
+
+    table `[R, W]` float32/bf16/fp16, or FP8 bytes with scale `[R, W / block]` UE8M0 bytes;
+    row_ids int64 `[...]` -> float32 `[..., W]`.
+    """
+    if table.dim() != 2:
+        raise ValueError(f"table must be [rows, width], got shape {tuple(table.shape)}")
+    if row_ids.numel() and (int(row_ids.min()) < 0 or int(row_ids.max()) >= table.shape[0]):
+        raise IndexError(
+            f"row ids span [{int(row_ids.min())}, {int(row_ids.max())}], "
+            f"outside a table of {table.shape[0]} rows"
+        )
+    flat = row_ids.reshape(-1)  # [n]
+    is_fp8 = table.dtype == torch.uint8 or table.dtype in _FP8_VIEW_DTYPES
+    if is_fp8:
+        if scale is None:
+            raise ValueError("an FP8 table needs its UE8M0 `scale` tensor")
+        rows = dequantize_rows(table[flat], scale[flat], block)  # [n, W]
+    else:
+        if scale is not None:
+            raise ValueError(f"`scale` is only for FP8 tables, got a {table.dtype} table")
+        rows = table[flat].float()  # [n, W]
+    return rows.reshape(*row_ids.shape, table.shape[1])
+
+
+def engram_gate(
+    h: torch.Tensor,
+    key: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """The Engram context gate, one scalar per token per branch.
+
+    g = <RMSNorm(h_b) * q_weight_b, RMSNorm(key_b) * k_weight_b> / sqrt(D),
+    RMSNorm(x) = x / sqrt(mean(x**2) + eps); a = sigmoid(sign(g) * sqrt(max(|g|, 1e-6))).
+
+    h, key `[T, hc, D]`; q_weight, k_weight `[hc, D]` (None: ones) -> a `[T, hc]`, in h's dtype.
+    Computed in float32.
+    """
+    if h.shape != key.shape or h.dim() != 3:
+        raise ValueError(
+            f"h and key must both be [T, hc, D], got {tuple(h.shape)}, {tuple(key.shape)}"
+        )
+    hf, kf = h.float(), key.float()
+    nq = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # [T, hc, D]
+    nk = kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)  # [T, hc, D]
+    if q_weight is not None:
+        nq = nq * q_weight.float()
+    if k_weight is not None:
+        nk = nk * k_weight.float()
+    g = (nq * nk).sum(-1) / math.sqrt(h.shape[-1])  # [T, hc]
+    # The signed square root keeps the sign and softens large logits before the sigmoid.
+    g = g.abs().clamp_min(1e-6).sqrt() * g.sign()
+    return torch.sigmoid(g).to(h.dtype)

@@ -1,0 +1,185 @@
+"""Offline API, shaped like vLLM's:
+
+    from engram_serve import LLM, SamplingParams
+    llm = LLM()                                   # the embedded default model
+    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
+    print(outputs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from engram_serve.config import EngineConfig, OffloadConfig
+from engram_serve.engine.compression import load_compression
+from engram_serve.engine.engine import Engine, EngramRuntime
+from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.engine.request import RequestOutput, SamplingParams
+from engram_serve.engine.tokenizer import Tokenizer
+from engram_serve.model.loader import load_model, load_model_config
+from engram_serve.model.tables import open_table, read_engram_config, verify_tables
+
+ENGRAM_MODULES_FILE = "engram_modules.safetensors"
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """None: the embedded default; a `.gguf` file: converted once into the cache; else a
+    Hugging Face-style directory."""
+    from engram_serve.model.default_model import default_model_dir
+
+    if model is None:
+        return default_model_dir()
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return _converted_gguf(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {model!r} is neither a directory nor a .gguf file")
+    return path
+
+
+def _converted_gguf(path: Path) -> Path:
+    """A GGUF file converted once into the cache, keyed by its path, size and mtime."""
+    import hashlib
+
+    from engram_serve.engine.compression import cache_dir
+    from engram_serve.model.gguf import convert_gguf
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    out = cache_dir() / "gguf" / f"{path.stem}-{key.hexdigest()[:12]}"
+    if not (out / "config.json").is_file():
+        convert_gguf(path, out)
+    return out
+
+
+def build_engine(
+    model: str | Path | None = None,
+    engine_config: EngineConfig = EngineConfig(),
+    offload_config: OffloadConfig = OffloadConfig(),
+    enable_engram: bool = True,
+) -> Engine:
+    """Load a model directory (its backbone, tokenizer and Engram tables) into an Engine."""
+    model_dir = resolve_model_dir(model)
+    if engine_config.num_threads:
+        torch.set_num_threads(engine_config.num_threads)
+    engram_config = read_engram_config(model_dir) if enable_engram else None
+    dtype = getattr(torch, engine_config.dtype)
+    net = load_model(model_dir, dtype=dtype, engram_config=engram_config)
+    tokenizer = Tokenizer(model_dir)
+    runtime = None
+    if engram_config is not None:
+        load_engram_modules(net, model_dir / ENGRAM_MODULES_FILE)
+        runtime = _engram_runtime(model_dir, engram_config, tokenizer, offload_config)
+    return Engine(net, load_model_config(model_dir), tokenizer, engine_config, runtime)
+
+
+def load_engram_modules(net: torch.nn.Module, path: Path) -> None:
+    """The Engram modules' own weights (gate norms, projections), separate from the tables."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the model declares Engram layers")
+    weights = load_file(path)
+    expected = {n for n, _ in net.named_parameters() if ".engram." in n}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
+    net.load_state_dict(weights, strict=False)
+
+
+def _engram_runtime(model_dir, engram_config, tokenizer, offload_config) -> EngramRuntime:
+    from engram_serve.offload.prefetch import build_prefetcher
+
+    verify_tables(model_dir, full=False)
+    hasher = NgramHasher(engram_config, load_compression(tokenizer.hf_tokenizer))
+    tables = {layer: open_table(model_dir, layer) for layer in engram_config.layer_ids}
+    for layer, table in tables.items():
+        expected = int(hasher.table_rows[engram_config.layer_ids.index(layer)])
+        if table.rows != expected:
+            raise ValueError(
+                f"{table.path} has {table.rows} rows; engram.json and the tokenizer give "
+                f"{expected} for layer {layer}"
+            )
+    return EngramRuntime(hasher, build_prefetcher(engram_config, tables, offload_config))
+
+
+def split_options(options: dict[str, Any]) -> tuple[EngineConfig, OffloadConfig]:
+    """`LLM(..., max_num_seqs=8, engram_tier="disk")`: engine options by their EngineConfig
+    names, offload options by their OffloadConfig names prefixed with `engram_`."""
+    engine_names = {f.name for f in fields(EngineConfig)}
+    offload_names = {f"engram_{f.name}": f.name for f in fields(OffloadConfig)}
+    unknown = set(options) - engine_names - set(offload_names)
+    if unknown:
+        raise TypeError(f"unknown engine options: {sorted(unknown)}")
+    engine = EngineConfig(**{k: v for k, v in options.items() if k in engine_names})
+    offload = OffloadConfig(
+        **{offload_names[k]: v for k, v in options.items() if k in offload_names}
+    )
+    return engine, offload
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, enable_engram: bool = True, **options):
+        engine_config, offload_config = split_options(options)
+        self.engine = build_engine(model, engine_config, offload_config, enable_engram)
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[int] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or token-id lists."""
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = []
+        for prompt, sampling in zip(prompts, params):
+            text = prompt if isinstance(prompt, str) else None
+            token_ids = self.engine.tokenizer.encode(prompt) if text is not None else prompt
+            ids.append(self.engine.add_request(token_ids, sampling, prompt=text).request_id)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tokenizer = self.engine.tokenizer
+        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), disable=not use_tqdm, desc="generate") as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[i] for i in request_ids]
+
+
+def _as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return list(prompts)
