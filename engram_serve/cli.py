@@ -113,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print JSON with token ids")
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    _add_bench_commands(bench)
+    bench = sub.add_parser("bench", help="benchmarks; `engram-serve bench NAME --help`")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(run=_bench)
     tables = sub.add_parser("tables", help="Engram table files").add_subparsers(
         dest="tables", required=True
     )
@@ -122,24 +124,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_bench_commands(bench) -> None:
-    from engram_serve.bench import hashing
+BENCHMARKS = {
+    "throughput": "engram_serve.bench.throughput",
+    "offload": "engram_serve.bench.offload",
+    "hashing": "engram_serve.bench.hashing",
+    "kernels": "engram_serve.bench.kernels",
+    "serve": "engram_serve.bench.serve",
+}
 
-    p = bench.add_parser("hashing", help="n-gram hashing against the reference algorithm")
-    p.set_defaults(run=lambda args: hashing.main([]))
+
+def _bench(args: argparse.Namespace) -> None:
+    import importlib
+
+    importlib.import_module(BENCHMARKS[args.name]).main(args.args)
+
+
+def _tables_init(args: argparse.Namespace) -> None:
+    from engram_serve.config import EngramConfig
+    from engram_serve.engine.compression import load_compression, num_compressed
+    from engram_serve.engine.tokenizer import Tokenizer
+    from engram_serve.model.tables import init_tables, read_engram_config
+
+    config = (
+        EngramConfig.from_json(args.config) if args.config else read_engram_config(args.model_dir)
+    )
+    if config is None:
+        raise SystemExit(f"{args.model_dir} has no engram.json; pass --config FILE")
+    lookup = load_compression(Tokenizer(args.model_dir).hf_tokenizer)
+    manifest = init_tables(
+        args.model_dir, config, num_compressed(lookup), seed=args.seed, dtype=args.dtype,
+        identity=args.identity,
+    )
+    print(json.dumps(manifest, indent=2, default=str))
+
+
+def _tables_verify(args: argparse.Namespace) -> None:
+    from engram_serve.model.tables import verify_tables
+
+    print(json.dumps(verify_tables(args.model_dir, full=not args.quick), indent=2, default=str))
+
+
+def _tables_profile(args: argparse.Namespace) -> None:
+    from engram_serve.engine.compression import load_compression
+    from engram_serve.engine.ngram_hash import NgramHasher
+    from engram_serve.engine.tokenizer import Tokenizer
+    from engram_serve.llm import resolve_model_dir
+    from engram_serve.model.tables import read_engram_config
+    from engram_serve.offload.cache import profile_rows
+
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = Tokenizer(model_dir)
+    hasher = NgramHasher(read_engram_config(model_dir), load_compression(tokenizer.hf_tokenizer))
+    documents = (tokenizer.encode(open(f, encoding="utf-8").read()) for f in args.files)
+    profile = profile_rows(hasher, documents, top_k=args.top_k)
+    profile.save(args.output)
+    print(f"profiled {profile.num_tokens} tokens -> {args.output}")
 
 
 def _add_table_commands(tables) -> None:
-    from engram_serve.model import tables as table_files
-
-    def verify(args):
-        report = table_files.verify_tables(args.model_dir, full=not args.quick)
-        print(json.dumps(report, indent=2, default=str))
+    p = tables.add_parser("init", help="create seeded random Engram tables with a manifest")
+    p.add_argument("model_dir")
+    p.add_argument("--config", help="an engram.json to use (default: the directory's own)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp8_e4m3"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the table contents")
+    p.add_argument("--identity", action="store_true",
+                   help="zero the value path, so outputs equal the backbone's")
+    p.set_defaults(run=_tables_init)
 
     p = tables.add_parser("verify", help="check table files against their manifest")
     p.add_argument("model_dir")
     p.add_argument("--quick", action="store_true", help="sizes, headers and quick checksums only")
-    p.set_defaults(run=verify)
+    p.set_defaults(run=_tables_verify)
+
+    p = tables.add_parser("profile", help="count Engram row hits over text files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", default=None, help="model directory (default: the embedded one)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k hottest rows per layer")
+    p.add_argument("--output", default="engram_profile.npz")
+    p.set_defaults(run=_tables_profile)
 
 
 def main(argv: list[str] | None = None) -> None:
