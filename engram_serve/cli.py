@@ -40,9 +40,11 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str = "")
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=_FLAG_HELP.get(f.name))
         else:
+            literal = typing.get_origin(kind) is typing.Literal
             convert = base if base in (int, float) else str
-            parser.add_argument(flag, type=convert, default=f.default,
-                                help=_FLAG_HELP.get(f.name), dest=prefix + f.name)
+            parser.add_argument(flag, type=convert, default=f.default, dest=prefix + f.name,
+                                choices=typing.get_args(kind) if literal else None,
+                                help=_FLAG_HELP.get(f.name))
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -149,10 +149,33 @@ class OffloadConfig:
     """Where the Engram tables live and how rows reach the model."""
 
     tier: Literal["device", "host", "disk"] = "device"
-    cache_rows: int = 0  # fast-tier row cache capacity (0: none)
+    cache_rows: int = 0  # fast-tier row cache capacity over all layers (0: none)
     prefetch: bool = True
     table_path: str | None = None
     num_io_threads: int = 16
+    cache_bytes: int = 0  # alternative to cache_rows: a byte budget for cached rows
+    cache_policy: Literal["lru", "lfu"] = "lfu"  # dynamic admission: lfu measured best
+    hot_profile: str | None = None  # RowProfile file (`tables profile`): static hot set
+    hot_fraction: float = 0.5  # share of the cache given to the profiled hot set
+    host_gather: Literal["auto", "uva", "staged"] = "auto"  # host tier on CUDA
+    shm_name: str | None = None  # host tier: share one /dev/shm copy across processes
+    direct_io: bool = False  # disk tier: O_DIRECT reads that bypass the OS page cache
+
+    def __post_init__(self) -> None:
+        if self.tier not in ("device", "host", "disk"):
+            raise ValueError(f"engram tier must be device, host or disk, got {self.tier!r}")
+        if self.cache_rows < 0 or self.cache_bytes < 0:
+            raise ValueError("engram cache size must be >= 0")
+        if self.cache_rows and self.cache_bytes:
+            raise ValueError("give the engram cache size in rows or in bytes, not both")
+        if self.cache_policy not in ("lru", "lfu"):
+            raise ValueError(f"engram cache policy must be lru or lfu, got {self.cache_policy!r}")
+        if not 0.0 <= self.hot_fraction <= 1.0:
+            raise ValueError(f"hot_fraction must be in [0, 1], got {self.hot_fraction}")
+        if self.host_gather not in ("auto", "uva", "staged"):
+            raise ValueError(f"host_gather must be auto, uva or staged, got {self.host_gather!r}")
+        if self.num_io_threads < 1:
+            raise ValueError(f"num_io_threads must be >= 1, got {self.num_io_threads}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +184,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
-    shutdown_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 30.0  # in-flight requests' time to finish after SIGTERM
     max_request_bytes: int = 4 << 20
+    workers: int = 1  # server processes, each with its own engine
+    stats_interval_s: float = 10.0  # between stats log lines; 0: none
     extra: dict[str, Any] = field(default_factory=dict)

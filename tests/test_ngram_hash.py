@@ -55,6 +55,13 @@ def test_row_ids_lie_inside_each_heads_range():
     assert (rows.max(axis=(1, 2)) < hasher.table_rows).all()
 
 
+def test_an_empty_step_hashes_to_no_rows():
+    hasher = NgramHasher(SMALL, LOOKUP)
+    empty = np.zeros(0, dtype=np.int64)
+    rows = hasher.row_ids(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 3), dtype=np.int64))
+    assert rows.shape == (2, 0, SMALL.num_heads)
+
+
 def test_out_of_vocabulary_ids_are_refused():
     hasher = NgramHasher(SMALL, LOOKUP)
     with pytest.raises(ValueError, match="token id 500 is outside the vocabulary"):

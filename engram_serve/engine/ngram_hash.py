@@ -154,7 +154,7 @@ class NgramHasher:
             np.remainder(mix[:, :, None, :], self._primes_by_order[..., None], out=out)
         else:
             _remainder_per_head(mix, self._primes_by_order, out)
-        return out.reshape(num_layers, -1, num_tokens).transpose(0, 2, 1)
+        return out.reshape(num_layers, self.config.num_heads, num_tokens).transpose(0, 2, 1)
 
     def row_ids(
         self, compressed_ids: np.ndarray, query_start_loc: np.ndarray, lookback: np.ndarray

@@ -1,0 +1,316 @@
+"""Host memory for Engram tables and staging buffers, and node-wide shared tables.
+
+Why not `tensor.pin_memory()`: PyTorch's caching host allocator rounds every request up to a
+power of two (a 20.4 GiB table pins 32 GiB). Instead a region is mapped here (anonymous, or a
+file in /dev/shm) and then, on CUDA, page-locked in place with `cudaHostRegister`, at most
+MAX_REGISTER_BYTES per call (recent drivers fail a single registration near 512 GiB). cupy's
+`cudaHostAlloc` is the other allocator; cupy is optional and imported only when asked for.
+
+A registered region is "mapped": under UVA its host address is also a device address, so
+`cuda_view` wraps it as a CUDA tensor that kernels read in place over PCIe (zero copy).
+
+Node-shared tables: `shared_table` copies a table once into /dev/shm; every server process on the
+node maps the same pages (MAP_SHARED), so a replica adds page-table entries, not a copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MAX_REGISTER_BYTES = 64 << 30
+COPY_CHUNK_BYTES = 64 << 20
+SHM_DIR = Path(os.environ.get("ENGRAM_SHM_DIR", "/dev/shm"))
+_CUDA_HOST_REGISTER_MAPPED = 0x02
+_CUDA_HOST_REGISTER_PORTABLE = 0x01
+_CUDA_HOST_REGISTER_READ_ONLY = 0x08
+
+
+# ---------------------------------------------------------------------------------------------
+# page-aligned host regions
+
+
+class HostMemory:
+    """A page-aligned host region: anonymous memory, or a file mapped MAP_SHARED.
+
+    `array(dtype, shape, offset)` views it as NumPy; the views keep the mapping alive.
+    """
+
+    def __init__(self, nbytes: int, path: Path | None = None, writable: bool = True) -> None:
+        self.nbytes, self.path, self.writable = int(nbytes), path, writable
+        size = max(self.nbytes, 1)  # mmap refuses length 0; an empty table maps one byte
+        if path is None:  # private: Python's default anonymous map is MAP_SHARED (shmem)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            self._mmap = mmap.mmap(-1, size, flags=flags)
+        else:
+            with open(path, "r+b" if writable else "rb") as f:
+                access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+                self._mmap = mmap.mmap(f.fileno(), size, access=access)
+        self._bytes = np.frombuffer(self._mmap, dtype=np.uint8, count=self.nbytes)
+        self.registration: Registration | None = None
+
+    @property
+    def ptr(self) -> int:
+        return int(self._bytes.ctypes.data)
+
+    def array(self, dtype: Any, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        count = int(np.prod(shape, dtype=np.int64))
+        return (
+            self._bytes[offset : offset + count * np.dtype(dtype).itemsize]
+            .view(dtype)
+            .reshape(shape)
+        )
+
+    def pin(self) -> HostMemory:
+        """Page-lock the region for the GPU (cudaHostRegister, mapped, in chunks)."""
+        if self.registration is None and self.nbytes:
+            self.registration = Registration(self.ptr, self.nbytes, read_only=not self.writable)
+        return self
+
+    def close(self) -> None:
+        if self.registration is not None:
+            self.registration.release()
+            self.registration = None
+
+
+def copy_rows(
+    src: np.ndarray, dst: np.ndarray, progress: Callable[[int], None] | None = None
+) -> None:
+    """dst[:] = src[:], in COPY_CHUNK_BYTES pieces: `src` may be a memmap larger than RAM."""
+    if src.shape != dst.shape:
+        raise ValueError(f"copy of {src.shape} into {dst.shape}")
+    if not src.size:
+        return
+    row_bytes = max(1, src.nbytes // max(1, src.shape[0]))
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    for start in range(0, src.shape[0], step):
+        dst[start : start + step] = src[start : start + step]
+        if progress is not None:
+            progress(min(step, src.shape[0] - start) * row_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: registration, cupy allocation, UVA views
+
+
+def _cudart():
+    if not torch.cuda.is_available():
+        raise RuntimeError("pinned host memory needs CUDA; this process has no CUDA device")
+    return torch.cuda.cudart()
+
+
+def _check(err: Any, what: str) -> None:
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        raise RuntimeError(f"{what} failed with CUDA error {code}")
+
+
+class Registration:
+    """`cudaHostRegister(Mapped | Portable)` of [ptr, ptr + nbytes), chunk by chunk."""
+
+    def __init__(
+        self, ptr: int, nbytes: int, chunk: int = MAX_REGISTER_BYTES, read_only: bool = False
+    ) -> None:
+        self.chunks: list[tuple[int, int]] = []
+        cudart = _cudart()
+        flags = _CUDA_HOST_REGISTER_MAPPED | _CUDA_HOST_REGISTER_PORTABLE
+        if read_only:  # a read-only mapping (a shared table) must be registered as such
+            flags |= _CUDA_HOST_REGISTER_READ_ONLY
+        try:
+            for offset, size in register_chunks(nbytes, chunk):
+                what = f"cudaHostRegister of {size} bytes at offset {offset}"
+                _check(cudart.cudaHostRegister(ptr + offset, size, flags), what)
+                self.chunks.append((ptr + offset, size))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        cudart = torch.cuda.cudart()
+        while self.chunks:
+            start, _ = self.chunks.pop()
+            cudart.cudaHostUnregister(start)
+
+
+def register_chunks(nbytes: int, chunk: int = MAX_REGISTER_BYTES) -> list[tuple[int, int]]:
+    """(offset, size) of each registration call for a region of `nbytes` (pure, testable)."""
+    if chunk <= 0 or chunk % mmap.PAGESIZE:
+        raise ValueError(f"registration chunk {chunk} is not a positive multiple of a page")
+    return [(s, min(chunk, nbytes - s)) for s in range(0, nbytes, chunk)]
+
+
+class CupyHostMemory:
+    """`cudaHostAlloc(Mapped | Portable)` through cupy, freed on close. Exact size: no pool."""
+
+    def __init__(self, nbytes: int) -> None:
+        try:
+            import cupy
+        except ImportError:
+            raise RuntimeError(
+                "pinned allocation with cudaHostAlloc needs cupy: pip install cupy-cuda12x "
+                "(or use the mmap + cudaHostRegister path, which needs only torch)"
+            ) from None
+        self._runtime = cupy.cuda.runtime
+        self.nbytes = int(nbytes)
+        self.ptr = self._runtime.hostAlloc(max(1, self.nbytes), 0x02 | 0x01)
+        buf = (np.ctypeslib.ctypes.c_uint8 * max(1, self.nbytes)).from_address(self.ptr)
+        self._bytes = np.frombuffer(buf, dtype=np.uint8, count=self.nbytes)
+
+    def array(self, dtype: Any, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        count = int(np.prod(shape, dtype=np.int64))
+        return (
+            self._bytes[offset : offset + count * np.dtype(dtype).itemsize]
+            .view(dtype)
+            .reshape(shape)
+        )
+
+    def close(self) -> None:
+        if self.ptr:
+            self._runtime.freeHost(self.ptr)
+            self.ptr = 0
+
+
+@dataclass
+class _CudaArray:
+    """The minimal `__cuda_array_interface__` torch needs to wrap a raw device address."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    typestr: str
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.typestr, "data": (self.ptr, False),
+                "version": 3, "strides": None}  # fmt: skip
+
+
+def cuda_view(array: np.ndarray, device: torch.device | str = "cuda") -> torch.Tensor:
+    """A CUDA tensor over registered (mapped) host memory: kernels read it in place over UVA.
+
+    The caller keeps the memory registered and alive while the view is used. Only valid where
+    the device can use host pointers for registered memory (every 64-bit Linux UVA system).
+    """
+    if not array.flags.c_contiguous:
+        raise ValueError("cuda_view needs a C-contiguous host array")
+    wrapped = array.view(np.int16) if array.dtype == np.uint16 else array
+    out = torch.as_tensor(
+        _CudaArray(int(array.ctypes.data), tuple(array.shape), wrapped.dtype.str),
+        device=device,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# staging buffers
+
+
+def host_empty(shape: tuple[int, ...], dtype: Any, pinned: bool) -> tuple[np.ndarray, HostMemory]:
+    """A host array for staging, page-locked when `pinned` (exact size, unlike pin_memory())."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    mem = HostMemory(nbytes)
+    if pinned:
+        mem.pin()
+    return mem.array(dtype, shape), mem
+
+
+# ---------------------------------------------------------------------------------------------
+# node-wide shared tables in /dev/shm
+
+
+@dataclass(frozen=True)
+class SharedArrays:
+    weight: np.ndarray
+    scale: np.ndarray | None
+    memories: tuple[HostMemory, ...]
+    created: bool  # True: this process copied the table in; False: it mapped an existing copy
+
+
+def shm_paths(name: str, layer_id: int) -> dict[str, Path]:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"shared table name {name!r} must be a plain file name")
+    stem = SHM_DIR / f"engram-{name}-layer{layer_id}"
+    return {k: stem.with_suffix(f".{k}") for k in ("weight", "scale", "json")}
+
+
+def shared_table(
+    name: str,
+    layer_id: int,
+    weight: np.ndarray,
+    scale: np.ndarray | None,
+    describe: dict[str, Any],
+    progress: Callable[[int], None] | None = None,
+) -> SharedArrays:
+    """Map layer `layer_id`'s table from /dev/shm, copying it there first if no process has.
+
+    `describe` identifies the table (rows, width, dtype, source file...): a copy made from a
+    different table is refused rather than silently used or deleted (other processes may map it).
+    The JSON sidecar is written last, under an exclusive lock, so a half-written copy is never
+    mapped.
+    """
+    paths = shm_paths(name, layer_id)
+    SHM_DIR.mkdir(parents=True, exist_ok=True)
+    with open(SHM_DIR / f"engram-{name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        created = not paths["json"].exists()
+        if created:
+            _write_shared(paths, weight, scale, describe, progress)
+        found = json.loads(paths["json"].read_text())
+        if found != describe:
+            raise RuntimeError(
+                f"{paths['json']} describes a different table ({found}, expected {describe}); "
+                f"remove engram-{name}-layer{layer_id}.* from {SHM_DIR} once no server uses it"
+            )
+    w_mem = HostMemory(weight.nbytes, paths["weight"], writable=False)
+    memories = [w_mem]
+    shared_scale = None
+    if scale is not None:
+        s_mem = HostMemory(scale.nbytes, paths["scale"], writable=False)
+        shared_scale = s_mem.array(scale.dtype, scale.shape)
+        memories.append(s_mem)
+    return SharedArrays(
+        w_mem.array(weight.dtype, weight.shape), shared_scale, tuple(memories), created
+    )
+
+
+def _write_shared(
+    paths: dict[str, Path],
+    weight: np.ndarray,
+    scale: np.ndarray | None,
+    describe: dict[str, Any],
+    progress: Callable[[int], None] | None,
+) -> None:
+    need = weight.nbytes + (0 if scale is None else scale.nbytes)
+    free = shutil.disk_usage(SHM_DIR).free
+    if need > free:
+        raise OSError(
+            f"{SHM_DIR} has {free / 2**30:.2f} GiB free, the table needs {need / 2**30:.2f} GiB "
+            "(containers: raise --shm-size or use --ipc=host)"
+        )
+    for key, src in (("weight", weight), ("scale", scale)):
+        if src is None:
+            continue
+        with open(paths[key], "wb") as f:
+            f.truncate(max(1, src.nbytes))
+        mem = HostMemory(src.nbytes, paths[key])
+        copy_rows(src, mem.array(src.dtype, src.shape), progress)
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(describe))
+    os.replace(tmp, paths["json"])
+
+
+def remove_shared(name: str, layer_ids: list[int]) -> None:
+    """Delete a shared table's files (mapped pages stay valid until every process unmaps)."""
+    for layer_id in layer_ids:
+        for path in shm_paths(name, layer_id).values():
+            path.unlink(missing_ok=True)
+    (SHM_DIR / f"engram-{name}.lock").unlink(missing_ok=True)

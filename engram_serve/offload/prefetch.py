@@ -1,0 +1,549 @@
+"""Prefetch: every Engram layer's rows requested at step start; the model waits only inside an
+Engram layer.
+
+    rows = prefetcher.prefetch(row_ids)   # [L, T, C] row ids, right after hashing; returns at once
+    ...                                   # earlier layers run while rows are read
+    h = engram(h, rows.wait(layer_id))    # float32 [T, C, W]; the only blocking point
+
+One layer's fetch (LayerFetcher.fetch), in a worker thread per layer (prefetch on) or inside
+wait() (prefetch off):
+    1. unique row ids of the step (dedupe) -> cache lookup, pinning the hits;
+    2. misses read from the backing tier: by device index (device, UVA), or by CPU threads into
+       reused host staging, then one non-blocking copy to the device;
+    3. misses offered to the cache; unique rows assembled from cache slots and fetched rows;
+    4. decoded to float32 once per unique row, expanded back to [T, C, W]; pins released.
+On CUDA steps 2-4 are enqueued on one side stream and an event is recorded per layer; wait()
+makes the current stream wait on it. Time blocked in wait() is the stall.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from engram_serve.config import EngramConfig, OffloadConfig
+from engram_serve.kernels.cpu_gather import gather_rows_cpu
+from engram_serve.offload import pinned
+from engram_serve.offload.cache import RowCache, RowProfile
+from engram_serve.offload.tiers import (
+    DeviceStore,
+    DiskStore,
+    EngramTable,
+    StagedStore,
+    as_torch,
+    decode_rows,
+    device_store,
+    host_store,
+    stored_np_dtype,
+    stored_torch_dtype,
+)
+
+STAGING_DEPTH = 2  # steps of one layer that may hold staging at once (this step and the next)
+STAGING_MIN_ROWS = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# staging
+
+
+@dataclass
+class Staging:
+    """Host arrays one fetch fills and copies from; pinned on CUDA. `ready`: the copy out of
+    them has finished (CUDA), so they may be refilled."""
+
+    weight: np.ndarray  # [capacity, W] stored values
+    scale: np.ndarray | None  # [capacity, W / quant_block]
+    memories: list[Any] = field(default_factory=list)
+    ready: Any = None
+
+    @property
+    def capacity(self) -> int:
+        return self.weight.shape[0]
+
+
+class StagingPool:
+    """One layer's staging buffers, allocated once and grown (never per step)."""
+
+    def __init__(self, width: int, scale_width: int, np_dtype: Any, pinned_memory: bool) -> None:
+        self.width, self.scale_width, self.np_dtype = width, scale_width, np_dtype
+        self.pinned = pinned_memory
+        self.free: queue.Queue[Staging] = queue.Queue()
+        self.allocations = 0
+        for _ in range(STAGING_DEPTH):
+            self.free.put(self._allocate(STAGING_MIN_ROWS))
+
+    def _allocate(self, rows: int) -> Staging:
+        self.allocations += 1
+        w, w_mem = pinned.host_empty((rows, self.width), self.np_dtype, self.pinned)
+        s, mems = None, [w_mem]
+        if self.scale_width:
+            s, s_mem = pinned.host_empty((rows, self.scale_width), np.uint8, self.pinned)
+            mems.append(s_mem)
+        return Staging(w, s, mems)
+
+    def acquire(self, rows: int) -> Staging:
+        staging = self.free.get()
+        if staging.ready is not None:
+            staging.ready.synchronize()
+            staging.ready = None
+        if staging.capacity < rows:  # grow geometrically: steady state allocates nothing
+            for mem in staging.memories:
+                mem.close()
+            staging = self._allocate(max(rows, 2 * staging.capacity))
+        return staging
+
+    def release(self, staging: Staging, ready: Any = None) -> None:
+        staging.ready = ready
+        self.free.put(staging)
+
+    def close(self) -> None:
+        while not self.free.empty():
+            for mem in self.free.get().memories:
+                mem.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# one layer
+
+
+_COUNTERS = ("lookups", "unique_rows", "cache_hits", "cache_misses", "fetches")
+
+
+class LayerFetcher:
+    """One Engram layer: its store, optional cache and staging, and its counters."""
+
+    def __init__(
+        self,
+        table: EngramTable,
+        store: DeviceStore | StagedStore,
+        cache: RowCache | None,
+        device: torch.device,
+    ) -> None:
+        self.table, self.store, self.cache, self.device = table, store, cache, device
+        self.width, self.dtype = table.width, table.table_dtype
+        self.stored_row_bytes = table.row_bytes + table.scale_row_bytes
+        self.staging = (
+            None
+            if store.reads_on_device
+            else StagingPool(
+                table.width,
+                table.scale_row_bytes,
+                stored_np_dtype(table.table_dtype),
+                device.type == "cuda",
+            )
+        )
+        # The device tier gathers every row as is: the baseline. Other paths dedupe first,
+        # so each distinct row crosses the link (or the disk) once per step.
+        self.dedupe = cache is not None or not (store.reads_on_device and store.mode == "direct")
+        self.counts = dict.fromkeys(_COUNTERS, 0)
+        self.rows_read: dict[str, int] = {}
+        self.fetch_s = 0.0
+        self._lock = threading.Lock()
+
+    def fetch(self, ids: np.ndarray) -> torch.Tensor:
+        """Row ids `[T, C]` -> float32 rows `[T, C, W]` on the device (enqueued, on CUDA)."""
+        start = time.perf_counter()
+        num_tokens, num_cols = ids.shape
+        flat = ids.reshape(-1)
+        if not flat.size:
+            return torch.empty(
+                (num_tokens, num_cols, self.width), dtype=torch.float32, device=self.device
+            )
+        if not self.dedupe:
+            out = self._gather_decode(self.store.weight, self.store.scale, ids)
+            self._count(len(flat), len(flat), 0, {self.store.tier: len(flat)}, start)
+            return out.view(num_tokens, num_cols, self.width)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        slots = self.cache.lookup(unique) if self.cache else np.full(len(unique), -1, np.int64)
+        try:
+            out = self._fetch_unique(unique, inverse, slots)
+        finally:
+            if self.cache is not None:
+                self.cache.release(slots)
+        hits = int((slots >= 0).sum())
+        tiers = {self.store.tier: len(unique) - hits}
+        if self.cache is not None:
+            tiers["cache"] = hits
+        self._count(len(flat), len(unique), hits, tiers, start)
+        return out.view(num_tokens, num_cols, self.width)
+
+    def _fetch_unique(
+        self, unique: np.ndarray, inverse: np.ndarray, slots: np.ndarray
+    ) -> torch.Tensor:
+        miss = np.flatnonzero(slots < 0)
+        miss_ids = unique[miss]
+        staging = None if self.store.reads_on_device else self.staging.acquire(len(miss_ids))
+        try:
+            if staging is None:
+                miss_w, miss_s = self.store.gather(self._to_device(miss_ids))
+            else:
+                miss_w, miss_s = self._read_staged(miss_ids, staging)
+            if self.cache is not None and len(miss_ids):
+                self.cache.admit(miss_ids, miss_w, miss_s)
+            w, s = self._assemble(slots, miss, miss_w, miss_s)  # [m, W] stored rows
+            return self._gather_decode(w, s, inverse)  # [n, W]: a fresh tensor, not staging
+        finally:
+            if staging is not None:
+                ready = None
+                if self.device.type == "cuda":  # refill only after the copies out of it
+                    ready = torch.cuda.Event()
+                    ready.record()
+                self.staging.release(staging, ready)
+
+    def _gather_decode(
+        self, weight: torch.Tensor, scale: torch.Tensor | None, index: np.ndarray
+    ) -> torch.Tensor:
+        """float32 `[n, W]` = decode(weight[index]); one fused pass on CPU (its exactness is
+        tested against the reference in tests/test_kernels.py and here)."""
+        if self.device.type == "cpu":
+            idx = torch.from_numpy(np.ascontiguousarray(index).reshape(-1))
+            return gather_rows_cpu(weight, idx, scale, block=self.table.quant_block)
+        idx = self._to_device(index.reshape(-1))
+        w = weight.index_select(0, idx)
+        s = None if scale is None else scale.index_select(0, idx)
+        return decode_rows(w, s, self.dtype, self.table.quant_block)
+
+    def _read_staged(
+        self, ids: np.ndarray, staging: Staging
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k = len(ids)
+        w_host = staging.weight[:k]
+        s_host = None if staging.scale is None else staging.scale[:k]
+        self.store.read(ids, w_host, s_host)
+        w = as_torch(w_host, self.dtype).to(self.device, non_blocking=True)
+        s = None if s_host is None else torch.from_numpy(s_host).to(self.device, non_blocking=True)
+        return w, s
+
+    def _assemble(
+        self,
+        slots: np.ndarray,
+        miss: np.ndarray,
+        miss_w: torch.Tensor,
+        miss_s: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored rows of every unique id `[m, W]`: cache hits, then fetched misses."""
+        if len(miss) == len(slots):
+            return miss_w, miss_s
+        hit = np.flatnonzero(slots >= 0)
+        hit_pos, hit_slots = self._to_device(hit), self._to_device(slots[hit])
+        miss_pos = self._to_device(miss)
+        w = torch.empty((len(slots), self.width), dtype=miss_w.dtype, device=self.device)
+        w[hit_pos] = self.cache.weight[hit_slots]
+        w[miss_pos] = miss_w
+        s = None
+        if miss_s is not None:
+            s = torch.empty((len(slots), miss_s.shape[1]), dtype=torch.uint8, device=self.device)
+            s[hit_pos] = self.cache.scale[hit_slots]
+            s[miss_pos] = miss_s
+        return w, s
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
+
+    def _count(
+        self, lookups: int, unique: int, hits: int, tiers: dict[str, int], start: float
+    ) -> None:
+        with self._lock:
+            self.counts["lookups"] += lookups
+            self.counts["unique_rows"] += unique
+            self.counts["cache_hits"] += hits
+            self.counts["cache_misses"] += unique - hits if self.cache is not None else 0
+            self.counts["fetches"] += 1
+            for tier, rows in tiers.items():
+                self.rows_read[tier] = self.rows_read.get(tier, 0) + rows
+            self.fetch_s += time.perf_counter() - start
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self.counts)
+            out["rows_read"] = dict(self.rows_read)
+            out["bytes_read"] = {t: r * self.stored_row_bytes for t, r in self.rows_read.items()}
+            out["fetch_s"] = self.fetch_s
+        out["table_bytes"] = dict(self.store.table_bytes)
+        out["store"] = self.store.mode
+        if self.cache is not None:
+            out["cache"] = self.cache.stats()
+            out["table_bytes"]["cache"] = self.cache.nbytes
+        if self.staging is not None:
+            out["staging_allocations"] = self.staging.allocations
+        return out
+
+    def close(self) -> None:
+        self.store.close()
+        if self.staging is not None:
+            self.staging.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the step handle and the prefetcher
+
+
+class StepRows:
+    """One step's Engram rows (a RowHandle): wait(layer_id) -> float32 `[T, C, W]`."""
+
+    def __init__(self, prefetcher: Prefetcher, row_ids: dict[int, np.ndarray]) -> None:
+        self._prefetcher, self._row_ids = prefetcher, row_ids
+        self._futures: dict[int, Future] = {}
+        self._done: dict[int, torch.Tensor] = {}
+        if prefetcher.pool is not None:
+            for layer_id, ids in row_ids.items():
+                self._futures[layer_id] = prefetcher.pool.submit(prefetcher.run, layer_id, ids)
+
+    def wait(self, layer_id: int) -> torch.Tensor:
+        if layer_id in self._done:
+            return self._done[layer_id]
+        if layer_id not in self._row_ids:
+            raise KeyError(
+                f"layer {layer_id} is not an Engram layer (Engram layers: {list(self._row_ids)})"
+            )
+        start = time.perf_counter()
+        future = self._futures.get(layer_id)
+        out, event = (
+            future.result() if future else self._prefetcher.run(layer_id, self._row_ids[layer_id])
+        )
+        if event is not None:  # rows were made on the side stream
+            current = torch.cuda.current_stream(out.device)
+            before, after = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            before.record(current)
+            current.wait_event(event)
+            after.record(current)  # after - before: how long the GPU itself stalled
+            out.record_stream(current)
+            self._prefetcher.add_gpu_stall(before, after)
+        self._prefetcher.add_stall(time.perf_counter() - start)
+        self._done[layer_id] = out
+        return out
+
+
+class Prefetcher:
+    """Fetches every Engram layer's rows of a step; see the module docstring."""
+
+    def __init__(
+        self,
+        engram: EngramConfig,
+        fetchers: dict[int, LayerFetcher],
+        offload: OffloadConfig,
+        device: torch.device,
+        io_pool: ThreadPoolExecutor,
+    ) -> None:
+        self.engram, self.fetchers, self.offload, self.device = engram, fetchers, offload, device
+        self.io_pool = io_pool
+        self.pool = (
+            ThreadPoolExecutor(len(fetchers), thread_name_prefix="engram-prefetch")
+            if offload.prefetch and fetchers
+            else None
+        )
+        self.stream = (
+            torch.cuda.Stream(device) if device.type == "cuda" and offload.prefetch else None
+        )
+        self.steps, self.stall_s = 0, 0.0
+        self._gpu_stall_events: list[tuple[Any, Any]] = []
+        self._gpu_stall_s = 0.0
+        self._lock = threading.Lock()
+
+    def prefetch(self, row_ids: np.ndarray) -> StepRows:
+        """Start fetching `row_ids [L, T, C]` (layer order = engram.layer_ids); returns at once."""
+        row_ids = np.asarray(row_ids)
+        num_layers, num_cols = len(self.engram.layer_ids), self.engram.num_heads
+        if row_ids.ndim != 3 or row_ids.shape[0] != num_layers or row_ids.shape[2] != num_cols:
+            raise ValueError(
+                f"row ids must be [layers={num_layers}, tokens, columns={num_cols}], "
+                f"got shape {row_ids.shape}"
+            )
+        if row_ids.dtype != np.int64:
+            raise TypeError(f"row ids must be int64, got {row_ids.dtype}")
+        per_layer = {}
+        for layer_id, ids in zip(self.engram.layer_ids, row_ids, strict=True):
+            rows = self.fetchers[layer_id].table.rows
+            if ids.size and (ids.min() < 0 or ids.max() >= rows):
+                raise IndexError(
+                    f"layer {layer_id}: row ids span [{ids.min()}, {ids.max()}], "
+                    f"outside its table of {rows} rows"
+                )
+            per_layer[layer_id] = np.array(ids, dtype=np.int64, order="C")  # ours to keep
+        with self._lock:
+            self.steps += 1
+        return StepRows(self, per_layer)
+
+    def run(self, layer_id: int, ids: np.ndarray) -> tuple[torch.Tensor, Any]:
+        """One layer's fetch; on CUDA with prefetch on, enqueued on the side stream."""
+        fetcher = self.fetchers[layer_id]
+        if self.stream is None:
+            return fetcher.fetch(ids), None
+        with torch.cuda.stream(self.stream):
+            out = fetcher.fetch(ids)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, event
+
+    def add_stall(self, seconds: float) -> None:
+        with self._lock:
+            self.stall_s += seconds
+
+    def add_gpu_stall(self, before: Any, after: Any) -> None:
+        with self._lock:
+            self._gpu_stall_events.append((before, after))
+
+    def gpu_stall_s(self) -> float:
+        """Time the compute stream waited on prefetch events (resolved lazily: reading it
+        synchronises on the recorded events)."""
+        with self._lock:
+            pending, self._gpu_stall_events = self._gpu_stall_events, []
+        for before, after in pending:
+            after.synchronize()
+            self._gpu_stall_s += before.elapsed_time(after) / 1e3
+        return self._gpu_stall_s
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Cumulative counters, summed over layers, plus each layer's own."""
+        layers = {lid: f.stats() for lid, f in self.fetchers.items()}
+        out: dict[str, Any] = {
+            "tier": self.offload.tier,
+            "prefetch": self.offload.prefetch,
+            "device": str(self.device),
+            "steps": self.steps,
+            "stall_s": self.stall_s,  # host time blocked in wait()
+        }
+        if self.device.type == "cuda":
+            out["gpu_stall_s"] = self.gpu_stall_s()
+        for key in (*_COUNTERS, "fetch_s"):
+            out[key] = sum(s[key] for s in layers.values())
+        looked_up = out["cache_hits"] + out["cache_misses"]
+        out["hit_rate"] = out["cache_hits"] / looked_up if looked_up else 0.0
+        for key in ("rows_read", "bytes_read", "table_bytes"):
+            total: dict[str, int] = {}
+            for s in layers.values():
+                for tier, v in s[key].items():
+                    total[tier] = total.get(tier, 0) + v
+            out[key] = total
+        out["store"] = sorted({s["store"] for s in layers.values()})
+        out["layers"] = layers
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.io_pool.shutdown(wait=True)
+        for fetcher in self.fetchers.values():
+            fetcher.close()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def cache_rows_per_layer(
+    offload: OffloadConfig, tables: dict[int, EngramTable], num_layers: int
+) -> int:
+    """The cache budget (rows, or bytes of stored rows) split evenly over the Engram layers."""
+    if offload.cache_bytes:
+        row_bytes = max(t.row_bytes + t.scale_row_bytes for t in tables.values())
+        return offload.cache_bytes // row_bytes // max(1, num_layers)
+    return offload.cache_rows // max(1, num_layers)
+
+
+def _check_tables(engram: EngramConfig, tables: dict[int, EngramTable]) -> None:
+    for layer_id in engram.layer_ids:
+        if layer_id not in tables:
+            raise ValueError(f"no table for Engram layer {layer_id} (have {sorted(tables)})")
+        t = tables[layer_id]
+        if t.width != engram.head_dim or t.table_dtype != engram.table_dtype:
+            raise ValueError(
+                f"layer {layer_id}'s table is {t.table_dtype} of width {t.width}; the Engram "
+                f"config says {engram.table_dtype} of width {engram.head_dim}"
+            )
+
+
+def _store(
+    table: EngramTable,
+    offload: OffloadConfig,
+    device: torch.device,
+    io_pool: ThreadPoolExecutor,
+    progress: Callable[[int], None] | None,
+) -> DeviceStore | StagedStore:
+    if offload.tier == "device":
+        return device_store(table, device, progress)
+    if offload.tier == "host":
+        return host_store(table, device, io_pool, offload.shm_name, offload.host_gather, progress)
+    return DiskStore(table, io_pool, direct=offload.direct_io)
+
+
+def _warm(fetcher: LayerFetcher, profile: RowProfile, fraction: float) -> int:
+    """Fill the cache's static hot set with the profile's hottest rows of this layer."""
+    cache = fetcher.cache
+    if fetcher.table.layer_id not in profile.rows:
+        return 0
+    hot = profile.hot_rows(fetcher.table.layer_id, int(cache.capacity * fraction))
+    hot = hot[(hot >= 0) & (hot < fetcher.table.rows)]
+    if not len(hot):
+        return 0
+    if fetcher.store.reads_on_device:
+        w, s = fetcher.store.gather(torch.from_numpy(hot).to(fetcher.device))
+    else:
+        staging = fetcher.staging.acquire(len(hot))
+        try:
+            w, s = fetcher._read_staged(hot, staging)
+            w, s = w.clone(), None if s is None else s.clone()
+            if fetcher.device.type == "cuda":
+                torch.cuda.synchronize(fetcher.device)
+        finally:
+            fetcher.staging.release(staging)
+    return cache.warm(hot, w, s, fraction)
+
+
+def build_prefetcher(
+    engram: EngramConfig,
+    tables: dict[int, EngramTable],
+    offload: OffloadConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Prefetcher:
+    """Place each Engram layer's table in `offload.tier`, build its cache, and return the
+    prefetcher the engine calls once per step. `progress`: a progress bar while tables are
+    copied into place (loading and pinning 100+ GB runs at a few GB/s)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _check_tables(engram, tables)
+    io_pool = ThreadPoolExecutor(offload.num_io_threads, thread_name_prefix="engram-io")
+    capacity = cache_rows_per_layer(offload, tables, len(engram.layer_ids))
+    profile = RowProfile.load(offload.hot_profile) if offload.hot_profile else None
+    copies = offload.tier != "disk"
+    table_bytes = sum(t.weight.nbytes + (0 if t.scale is None else t.scale.nbytes)
+                      for t in tables.values())  # fmt: skip
+    bar = tqdm(total=table_bytes, desc=f"Engram tables -> {offload.tier}", unit="B",
+               unit_scale=True, disable=not (progress and copies))  # fmt: skip
+    fetchers = {}
+    for layer_id in engram.layer_ids:
+        table = tables[layer_id]
+        store = _store(table, offload, device, io_pool, bar.update)
+        cache = None
+        if capacity > 0 and offload.tier != "device":
+            cache = RowCache(
+                capacity,
+                table.width,
+                table.scale_row_bytes,
+                stored_torch_dtype(table.table_dtype),
+                device,
+                offload.cache_policy,
+            )
+        fetchers[layer_id] = LayerFetcher(table, store, cache, device)
+        if cache is not None and profile is not None and offload.hot_fraction > 0:
+            _warm(fetchers[layer_id], profile, offload.hot_fraction)
+    bar.close()
+    return Prefetcher(engram, fetchers, offload, device, io_pool)

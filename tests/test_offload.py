@@ -1,0 +1,421 @@
+"""Offload subsystem: every tier and cache setting returns the device tier's exact bits; the
+cache keeps what it must; profiles count what the hasher reads; a /dev/shm table is shared
+between processes without a private copy."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engram_serve.config import EngramConfig, OffloadConfig
+from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.kernels.reference import gather_rows
+from engram_serve.model.tables import open_table, table_layouts, table_path, write_random_table
+from engram_serve.offload import pinned
+from engram_serve.offload.cache import RowCache, RowProfile, profile_rows
+from engram_serve.offload.prefetch import build_prefetcher
+from engram_serve.offload.tiers import open_tables, table_from_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 400  # compressed vocabulary of the synthetic token stream
+
+
+def engram_config(table_dtype: str) -> EngramConfig:
+    return EngramConfig(
+        layer_ids=(1, 4),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(600, 900),
+        head_dim=64,
+        table_dtype=table_dtype,
+    )
+
+
+def write_tables(model_dir: Path, config: EngramConfig, seed: int = 0) -> None:
+    for layout in table_layouts(config):
+        path = table_path(model_dir, layout.layer_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_random_table(path, layout, seed)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float16", "fp8_e4m3"])
+def model(request, tmp_path_factory):
+    config = engram_config(request.param)
+    model_dir = tmp_path_factory.mktemp(f"tables_{request.param}")
+    write_tables(model_dir, config)
+    return config, model_dir
+
+
+def token_steps(config: EngramConfig, num_steps: int, seed: int = 0):
+    """Row ids of a Zipf-distributed token stream, hashed step by step as the engine does:
+    varying step sizes, empty steps included, lookback carried across steps."""
+    hasher = NgramHasher(config, np.arange(VOCAB, dtype=np.int64))
+    rng = np.random.default_rng(seed)
+    history = np.empty(0, np.int64)
+    for step in range(num_steps):
+        if step % 7 == 3:  # an empty step (the hasher itself is not asked to hash nothing)
+            yield np.empty((len(config.layer_ids), 0, config.num_heads), np.int64)
+            continue
+        num_tokens = int(rng.integers(1, 40))
+        ids = np.minimum(rng.zipf(1.3, num_tokens) - 1, VOCAB - 1).astype(np.int64)
+        rows = hasher.row_ids(ids, np.array([0, num_tokens]), hasher.lookback(history)[None])
+        history = np.concatenate([history, ids])
+        yield rows
+
+
+def reference_rows(table, ids: np.ndarray) -> torch.Tensor:
+    return gather_rows(table.weight_tensor(), torch.from_numpy(ids), table.scale_tensor())
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+SETTINGS = {
+    "device": OffloadConfig(tier="device"),
+    "host": OffloadConfig(tier="host"),
+    "host+cache": OffloadConfig(tier="host", cache_rows=96),
+    "disk": OffloadConfig(tier="disk", num_io_threads=4),
+    "disk+lru": OffloadConfig(tier="disk", cache_rows=96, num_io_threads=4),
+    "disk+lfu": OffloadConfig(tier="disk", cache_rows=96, cache_policy="lfu", num_io_threads=3),
+    "disk+lru,no prefetch": OffloadConfig(tier="disk", cache_rows=96, prefetch=False),
+    "disk+direct io": OffloadConfig(tier="disk", cache_rows=4000, direct_io=True),
+    "disk+cache bytes": OffloadConfig(tier="disk", cache_bytes=64 * 280, num_io_threads=2),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_every_tier_and_cache_setting_gives_the_device_tier_bits(model, setting):
+    config, model_dir = model
+    tables = open_tables(model_dir, config.layer_ids)
+    steps = list(token_steps(config, 40))
+    with build_prefetcher(config, tables, SETTINGS[setting]) as prefetcher:
+        # Three steps in flight before the first wait: concurrent fetches share the cache, and
+        # each step's rows must survive the admissions of the steps after it.
+        handles = [prefetcher.prefetch(rows) for rows in steps[:3]]
+        for i, rows in enumerate(steps):
+            handle = handles[i]
+            if i + 3 < len(steps):
+                handles.append(prefetcher.prefetch(steps[i + 3]))
+            for layer_id, layer_rows in zip(config.layer_ids, rows, strict=True):
+                assert_same_bits(
+                    handle.wait(layer_id), reference_rows(tables[layer_id], layer_rows)
+                )
+        stats = prefetcher.stats
+    total = sum(r[0].size for r in steps) * len(config.layer_ids)
+    assert stats["lookups"] == total
+    assert sum(stats["rows_read"].values()) == (
+        total if setting in ("device", "host") else stats["unique_rows"]
+    )
+    if "cache" in stats["rows_read"]:
+        assert stats["rows_read"]["cache"] == stats["cache_hits"] > 0
+        assert stats["cache_hits"] + stats["cache_misses"] == stats["unique_rows"]
+
+
+def test_memory_tables_from_tensors_match_the_reference():
+    config = engram_config("fp8_e4m3")
+    gen = torch.Generator().manual_seed(0)
+    tables, layouts = {}, table_layouts(config)
+    for layout in layouts:
+        weight = torch.randint(0, 256, (layout.rows, 64), dtype=torch.uint8, generator=gen)
+        weight[weight == 0x7F] = 0  # keep NaN bytes out: NaN != NaN would fail the comparison
+        weight[weight == 0xFF] = 0
+        scale = torch.randint(100, 140, (layout.rows, 2), dtype=torch.uint8, generator=gen)
+        tables[layout.layer_id] = table_from_tensors(layout.layer_id, weight, scale)
+    rows = next(r for r in token_steps(config, 3) if r.shape[1])
+    prefetcher = build_prefetcher(config, tables, OffloadConfig(tier="host", cache_rows=64))
+    handle = prefetcher.prefetch(rows)
+    for i, layer_id in enumerate(config.layer_ids):
+        t = tables[layer_id]
+        want = gather_rows(torch.from_numpy(t.weight), torch.from_numpy(rows[i]),
+                           torch.from_numpy(t.scale))  # fmt: skip
+        assert_same_bits(handle.wait(layer_id), want)
+    prefetcher.close()
+
+
+def test_empty_step_and_bad_input():
+    config = engram_config("float32")
+    tables = {
+        lay.layer_id: table_from_tensors(lay.layer_id, torch.randn(lay.rows, 64))
+        for lay in table_layouts(config)
+    }
+    prefetcher = build_prefetcher(config, tables, OffloadConfig(tier="host"))
+    rows = prefetcher.prefetch(np.empty((2, 0, config.num_heads), np.int64)).wait(4)
+    assert rows.shape == (0, config.num_heads, 64)
+    with pytest.raises(ValueError, match="row ids must be"):
+        prefetcher.prefetch(np.zeros((1, 3, config.num_heads), np.int64))
+    with pytest.raises(IndexError, match="outside its table"):
+        prefetcher.prefetch(np.full((2, 1, config.num_heads), 10**6, np.int64))
+    with pytest.raises(KeyError, match="not an Engram layer"):
+        prefetcher.prefetch(np.zeros((2, 1, config.num_heads), np.int64)).wait(2)
+    prefetcher.close()
+    with pytest.raises(ValueError, match="disk tier reads table files"):
+        build_prefetcher(config, tables, OffloadConfig(tier="disk"))
+    with pytest.raises(ValueError, match="config says"):
+        build_prefetcher(engram_config("float16"), tables, OffloadConfig())
+    with pytest.raises(ValueError, match="rows or in bytes"):
+        OffloadConfig(cache_rows=1, cache_bytes=1)
+
+
+def test_stall_is_measured_and_staging_is_reused(model, tmp_path):
+    config, model_dir = model
+    tables = open_tables(model_dir, config.layer_ids)
+    steps = [r for r in token_steps(config, 30) if r.shape[1]]
+    off = OffloadConfig(tier="disk", cache_rows=64, prefetch=False, num_io_threads=2)
+    with build_prefetcher(config, tables, off) as prefetcher:
+        for rows in steps:
+            handle = prefetcher.prefetch(rows)
+            for layer_id in config.layer_ids:
+                handle.wait(layer_id)
+        stats = prefetcher.stats
+    # Without prefetch every fetch runs inside wait(): the model stalls for all of it.
+    assert stats["stall_s"] >= stats["fetch_s"] > 0
+    assert stats["steps"] == len(steps)
+    for layer in stats["layers"].values():
+        assert layer["staging_allocations"] == 2  # allocated once, not per step
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+def make_cache(capacity: int, policy: str = "lru", ways: int = 32) -> RowCache:
+    return RowCache(capacity, 4, 0, torch.float32, "cpu", policy, ways)
+
+
+def rows_of(ids) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.float32)[:, None].repeat(1, 4)  # row r holds r
+
+
+def admit(cache: RowCache, ids) -> np.ndarray:
+    ids = np.asarray(ids, np.int64)
+    slots = cache.lookup(ids)
+    cache.release(slots)
+    miss = slots < 0
+    return cache.admit(ids[miss], rows_of(ids[miss]), None)
+
+
+def cached(cache: RowCache, ids) -> np.ndarray:
+    slots = cache.lookup(np.asarray(ids, np.int64))
+    cache.release(slots)
+    return slots >= 0
+
+
+def test_cache_lookup_returns_the_rows_it_admitted():
+    cache = make_cache(256, ways=8)
+    ids = np.random.default_rng(0).choice(10**9, 200, replace=False)
+    admit(cache, ids)
+    slots = cache.lookup(ids)
+    assert (cache.tags >= 0).sum() <= cache.capacity == 256
+    hit = slots >= 0
+    assert hit.mean() > 0.5  # some sets overflow (8 ways), most rows fit
+    assert torch.equal(cache.weight[torch.from_numpy(slots[hit])][:, 0],
+                       torch.from_numpy(ids[hit]).float())  # fmt: skip
+
+
+def test_lru_evicts_the_least_recently_used():
+    cache = make_cache(4, "lru", ways=4)  # one set: plain LRU
+    admit(cache, [10, 11, 12, 13])
+    cached(cache, [10])  # 11 is now the oldest
+    admit(cache, [14])
+    assert cached(cache, [10, 11, 12, 13, 14]).tolist() == [True, False, True, True, True]
+
+
+def test_lfu_keeps_a_frequent_row_through_a_scan():
+    results = {}
+    for policy in ("lru", "lfu"):
+        cache = make_cache(4, policy, ways=4)
+        for _ in range(5):
+            admit(cache, [7])
+        for cold in range(100, 120):  # a scan of rows seen once each
+            admit(cache, [cold])
+        results[policy] = bool(cached(cache, [7])[0])
+    assert results == {"lru": False, "lfu": True}
+
+
+def test_rows_of_a_step_in_flight_are_never_evicted():
+    cache = make_cache(8, ways=8)
+    admit(cache, range(8))
+    in_flight = cache.lookup(np.arange(4, dtype=np.int64))  # pinned until released
+    slots = cache.admit(np.arange(100, 112, dtype=np.int64), rows_of(range(100, 112)), None)
+    assert (slots >= 0).sum() == 4  # only the 4 unpinned ways could take new rows
+    assert cached(cache, range(4)).all()
+    assert torch.equal(cache.weight[torch.from_numpy(in_flight)][:, 0], torch.arange(4.0))
+    cache.release(in_flight)
+    admit(cache, range(200, 208))
+    assert not cached(cache, range(4)).any()  # released: evictable again
+
+
+def test_static_hot_set_is_never_evicted():
+    cache = make_cache(8, ways=8)
+    placed = cache.warm(np.array([1, 2, 3, 4, 5, 6], np.int64), rows_of([1, 2, 3, 4, 5, 6]),
+                        None, max_fraction=0.5)  # fmt: skip
+    assert placed == 4  # half of the 8 ways, hottest (first) rows
+    for start in range(100, 400, 8):
+        admit(cache, range(start, start + 8))
+    assert cached(cache, [1, 2, 3, 4]).all() and not cached(cache, [5, 6]).any()
+    assert cache.stats()["static"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# profiles
+
+
+def test_profile_counts_every_row_the_hasher_reads(tmp_path):
+    config = engram_config("float32")
+    hasher = NgramHasher(config, np.arange(VOCAB, dtype=np.int64))
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, VOCAB, int(rng.integers(1, 30))) for _ in range(20)]
+    profile = profile_rows(hasher, docs, flush_ids=500)  # several merges
+    for layer_index, layer_id in enumerate(config.layer_ids):
+        want = collections.Counter()
+        for doc in docs:
+            history = np.empty(0, np.int64)
+            for token in doc:  # one token at a time: independent of packing
+                rows = hasher.row_ids(np.array([token]), np.array([0, 1]),
+                                      hasher.lookback(history)[None])  # fmt: skip
+                want.update(rows[layer_index, 0].tolist())
+                history = np.append(history, token)
+        got = dict(
+            zip(profile.rows[layer_id].tolist(), profile.counts[layer_id].tolist(), strict=True)
+        )
+        assert got == dict(want)
+        assert (np.diff(profile.counts[layer_id]) <= 0).all()
+    profile.save(tmp_path / "p.npz")
+    loaded = RowProfile.load(tmp_path / "p.npz")
+    assert loaded.num_tokens == sum(map(len, docs))
+    assert np.array_equal(loaded.rows[4], profile.rows[4])
+
+
+def test_hot_profile_warms_the_cache(model, tmp_path):
+    config, model_dir = model
+    tables = open_tables(model_dir, config.layer_ids)
+    steps = list(token_steps(config, 20, seed=5))
+    hasher = NgramHasher(config, np.arange(VOCAB, dtype=np.int64))
+    rng = np.random.default_rng(5)
+    text = [np.minimum(rng.zipf(1.3, 400) - 1, VOCAB - 1)]
+    profile_rows(hasher, text).save(tmp_path / "hot.npz")
+    hit_rates = {}
+    for name, profile in (("cold", None), ("warm", str(tmp_path / "hot.npz"))):
+        off = OffloadConfig(tier="disk", cache_rows=200, hot_profile=profile, num_io_threads=2)
+        with build_prefetcher(config, tables, off) as prefetcher:
+            first = prefetcher.prefetch(steps[0])
+            for i, layer_id in enumerate(config.layer_ids):
+                assert_same_bits(
+                    first.wait(layer_id), reference_rows(tables[layer_id], steps[0][i])
+                )
+            hit_rates[name] = prefetcher.stats["hit_rate"]
+            cache = prefetcher.stats["layers"][1]["cache"]
+        # At most half of each set's ways; sets fill unevenly, so somewhat under half in all.
+        if profile is None:
+            assert cache["static"] == 0
+        else:
+            assert 0.8 * cache["capacity"] / 2 <= cache["static"] <= cache["capacity"] / 2
+    assert hit_rates["cold"] == 0 and hit_rates["warm"] > 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# pinned memory helpers (the CUDA calls themselves are checked in tests/gpu)
+
+
+def test_registration_chunks_stay_under_the_limit():
+    chunks = pinned.register_chunks(150 << 30)
+    assert [size >> 30 for _, size in chunks] == [64, 64, 22]
+    assert [off >> 30 for off, _ in chunks] == [0, 64, 128]
+    with pytest.raises(ValueError, match="multiple of a page"):
+        pinned.register_chunks(1 << 20, chunk=1000)
+
+
+def test_cupy_is_optional_with_a_clear_error():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs cupy"):
+            pinned.CupyHostMemory(4096)
+    else:
+        pytest.skip("cupy is installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# node-shared tables: real processes, resident memory from /proc/self/status
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from engram_serve.config import EngramConfig, OffloadConfig
+    from engram_serve.offload.prefetch import build_prefetcher
+    from engram_serve.offload.tiers import open_tables
+
+    def status():
+        fields = {}
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssShmem"):
+                fields[key] = int(value.split()[0]) * 1024
+        return fields
+
+    config = EngramConfig.from_json(sys.argv[1])
+    shm_name = sys.argv[3] or None
+    tables = open_tables(sys.argv[2], config.layer_ids)
+    before = status()
+    prefetcher = build_prefetcher(config, tables, OffloadConfig(tier="host", shm_name=shm_name))
+    total = 0.0
+    for fetcher in prefetcher.fetchers.values():
+        total += float(fetcher.store.weight.float().sum())  # touch every page of the table
+    rows = np.zeros((len(config.layer_ids), 3, config.num_heads), np.int64)
+    prefetcher.prefetch(rows).wait(config.layer_ids[0])
+    after = status()
+    created = sorted({type(m).__name__ for f in prefetcher.fetchers.values()
+                      for m in f.store._keepalive})
+    print(json.dumps({"delta": {k: after[k] - before[k] for k in after}, "sum": total,
+                      "memories": created}))
+    """
+)
+
+
+def run_child(config_path: Path, model_dir: Path, shm_name: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(config_path), str(model_dir), shm_name],
+        capture_output=True, text=True, env=env, timeout=120, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_two_processes_share_one_dev_shm_table(tmp_path):
+    config = EngramConfig(
+        layer_ids=(2,), max_ngram_size=2, n_head_per_ngram=2,
+        engram_vocab_size=(100_000,), head_dim=128, table_dtype="float32",
+    )  # fmt: skip
+    config_path = tmp_path / "engram.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    write_tables(tmp_path, config)
+    table_bytes = open_table(tmp_path, 2).weight.nbytes  # ~100 MB
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        first = run_child(config_path, tmp_path, name)
+        assert pinned.shm_paths(name, 2)["weight"].stat().st_size == table_bytes
+        second = run_child(config_path, tmp_path, name)
+    finally:
+        pinned.remove_shared(name, [2])
+    private = run_child(config_path, tmp_path, "")
+    assert first["sum"] == second["sum"] == private["sum"]
+    # The second process maps the first one's pages: they show up as shared memory in its RSS,
+    # but its private (anonymous) memory does not grow by the table.
+    assert second["delta"]["RssShmem"] > 0.9 * table_bytes
+    assert second["delta"]["RssAnon"] < 0.25 * table_bytes
+    # The control without sharing makes its own copy, which the same measure catches.
+    assert private["delta"]["RssAnon"] > 0.9 * table_bytes
+    assert private["delta"]["RssShmem"] < 0.1 * table_bytes
