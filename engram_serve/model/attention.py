@@ -1,0 +1,142 @@
+"""Paged attention in pure torch: the CPU path (and the oracle for any GPU kernel).
+
+The KV cache of one layer is a pool of fixed-size blocks, `[num_blocks, block_size, kv_heads,
+hd]`; sequence s owns the blocks listed in `block_tables[s]`, in order, so its token at position
+p lives in slot `block_tables[s, p // block_size] * block_size + p % block_size`.
+
+One call (per layer, per step) first writes the new tokens' K/V into their slots, then lets every
+sequence attend causally over its whole context: earlier tokens from the cache, new ones too.
+Decoding sequences (one new token) are batched into a single masked SDPA call; sequences with
+several new tokens (prefill chunks) run one SDPA call each.
+
+What must hold: block-table padding points at a real block (0), whose stale contents are masked
+out, so cache blocks must hold finite values (allocate the cache with zeros, not empty): a masked
+NaN would still poison the output through `0 * NaN`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engram_serve.model.batch import AttentionMetadata
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [T, KVH, hd]
+    v: torch.Tensor,  # [T, KVH, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd]
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, H, hd]
+    write_kv(k_cache, v_cache, k, v, attn.slot_mapping)
+    if attn.is_decode_only:  # one token per sequence: token s belongs to sequence s
+        return decode_attention(
+            q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.max_seq_len, scale
+        )
+
+    out = torch.empty_like(q)
+    starts = attn.query_start_loc.tolist()
+    seq_lens = attn.seq_lens.tolist()
+    query_lens = attn.query_lens.tolist()
+    decoding = [s for s, n in enumerate(query_lens) if n == 1]
+    if decoding:  # the decoders of a mixed batch still share one call
+        seqs = torch.tensor(decoding, device=q.device)
+        tokens = attn.query_start_loc[seqs]  # [S_dec]
+        max_len = max(seq_lens[s] for s in decoding)
+        out[tokens] = decode_attention(
+            q[tokens],
+            k_cache,
+            v_cache,
+            attn.block_tables[seqs],
+            attn.seq_lens[seqs],
+            max_len,
+            scale,
+        )
+    for s, query_len in enumerate(query_lens):
+        if query_len > 1:
+            new = slice(starts[s], starts[s + 1])
+            out[new] = prefill_attention(
+                q[new], k[new], v[new], k_cache, v_cache, attn.block_tables[s], seq_lens[s], scale
+            )
+    return out
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd]
+    v_cache: torch.Tensor,
+    k: torch.Tensor,  # [T, KVH, hd]
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    # Slots are flat indices into the pool seen as one long run of tokens.
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_context(
+    cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd]
+    block_tables: torch.Tensor,  # [S, max_blocks]
+    max_len: int,
+) -> torch.Tensor:  # [S, L, KVH, hd], L = max_len rounded up to whole blocks
+    num_seqs, block_size = block_tables.shape[0], cache.shape[1]
+    num_blocks = -(-max_len // block_size)
+    # index_select copies whole blocks; it is several times faster than advanced indexing.
+    blocks = cache.index_select(0, block_tables[:, :num_blocks].reshape(-1))
+    return blocks.view(num_seqs, num_blocks * block_size, *cache.shape[2:])
+
+
+def decode_attention(
+    q: torch.Tensor,  # [S, H, hd], one query per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks]
+    seq_lens: torch.Tensor,  # [S]
+    max_len: int,  # max(seq_lens), known on the host
+    scale: float,
+) -> torch.Tensor:  # [S, H, hd]
+    num_seqs, num_heads, hd = q.shape
+    kv_heads = k_cache.shape[2]
+    k = gather_context(k_cache, block_tables, max_len).transpose(1, 2)  # [S, KVH, L, hd]
+    v = gather_context(v_cache, block_tables, max_len).transpose(1, 2)  # [S, KVH, L, hd]
+    # GQA without copying K/V: the query heads sharing a KV head become that head's "queries".
+    q = q.view(num_seqs, kv_heads, num_heads // kv_heads, hd)  # [S, KVH, G, hd]
+    mask = torch.arange(k.shape[2], device=q.device) < seq_lens[:, None]  # [S, L]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(num_seqs, num_heads, hd)
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [Q, H, hd], the LAST Q positions of a seq_len-token context
+    k: torch.Tensor,  # [Q, KVH, hd], the new tokens' keys (already in the cache too)
+    v: torch.Tensor,  # [Q, KVH, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd]
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [max_blocks]
+    seq_len: int,
+    scale: float,
+) -> torch.Tensor:  # [Q, H, hd]
+    query_len = q.shape[0]
+    past_len = seq_len - query_len
+    if past_len == 0:  # the whole context is new: no cache read, plain causal attention
+        mask, is_causal = None, True
+    else:
+        k = gather_context(k_cache, block_table[None], seq_len)[0, :seq_len]  # [L, KVH, hd]
+        v = gather_context(v_cache, block_table[None], seq_len)[0, :seq_len]
+        # Query i sits at position past_len + i and sees keys 0..past_len + i.
+        key_pos = torch.arange(seq_len, device=q.device)
+        query_pos = torch.arange(past_len, seq_len, device=q.device)
+        mask, is_causal = key_pos[None, :] <= query_pos[:, None], False  # [Q, L]
+    # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its slow, materialising path.
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # [1, H, Q, hd]
+        k.transpose(0, 1)[None],  # [1, KVH, L, hd]
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=True,
+    )  # [1, H, Q, hd]
+    return out[0].transpose(0, 1)

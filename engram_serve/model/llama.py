@@ -1,0 +1,240 @@
+"""A Llama-family decoder: Llama 2/3, SmolLM2, Qwen2 (q/k/v bias), Qwen3 (per-head q/k norm).
+
+    h = embed(ids)
+    per layer i:  h = Engram_i(h)                         (Engram layers only, before attention)
+                  h = h + Attn(RMSNorm(h))                (RoPE, GQA, paged KV cache)
+                  h = h + W_down(SiLU(W_gate x) * W_up x),  x = RMSNorm(h)
+    logits = lm_head(RMSNorm(h))                          (sampled positions only)
+
+Tokens of all sequences in a step are packed flat, T in all (see model/batch.py); every tensor
+below is per token, `[T, ...]`. Module and parameter names are Hugging Face's, so a checkpoint
+loads by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram_serve.config import EngramConfig, ModelConfig
+from engram_serve.model.attention import paged_attention
+from engram_serve.model.batch import ForwardBatch
+from engram_serve.model.engram import build_engram
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the statistics taken in float32 whatever the model dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotation frequency of each pair of dimensions, `[hd/2]` float32, with rope_scaling."""
+    hd = config.attn_head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd)
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {rope_type!r} unsupported; use {SUPPORTED_ROPE_TYPES}")
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 long context: slow rotations (wavelength beyond the original context /
+    low_freq_factor) are slowed down by `factor`, fast ones (below context / high_freq_factor)
+    are kept, and the band between is blended linearly in context/wavelength."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    blend = ((context / wavelen - low) / (high - low)).clamp(0, 1)  # 0: slowed, 1: kept
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Not in checkpoints, so computed for real even when the model is built on `meta`.
+        with torch.device("cpu"):
+            inv_freq = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [hd/2] float32
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(positions.device, torch.float32)  # no-op once in place
+        angles = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_j, x_{j + hd/2}) by each token's angles (Hugging Face's half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)  # [T, heads, hd/2] each
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, hd/2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = hd = config.attn_head_dim
+        self.scale = hd**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, config.hidden_size, bias=False)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
+    ) -> torch.Tensor:  # x [T, D] -> [T, D]
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, hd]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, hd]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, hd]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cache = batch.cache
+        out = paged_attention(
+            q, k, v, cache.k[self.layer_id], cache.v[self.layer_id], batch.attn, self.scale
+        )  # [T, H, hd]
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, ff = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, ff, bias=False)
+        self.up_proj = nn.Linear(d, ff, bias=False)
+        self.down_proj = nn.Linear(ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_id: int, engram_config: EngramConfig | None
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+        self.engram = None
+        if engram_config is not None and layer_id in engram_config.layer_ids:
+            self.engram = build_engram(engram_config, config.hidden_size)
+
+    def forward(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
+    ) -> torch.Tensor:  # [T, D] -> [T, D]
+        if self.engram is not None:
+            h = self.apply_engram(h, batch)
+        h = h + self.self_attn(self.input_layernorm(h), rope, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def apply_engram(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if batch.engram_rows is None:
+            raise ValueError(f"layer {self.layer_id} is an Engram layer but the batch has no rows")
+        rows = batch.engram_rows.wait(self.layer_id)  # [T, (N-1)*H, W]
+        conv_state = batch.cache.engram_conv.get(self.layer_id)  # [slots, hist, D] or None
+        if conv_state is not None:
+            # A sequence starting at position 0 has no history; its slot may hold a
+            # previous occupant's.
+            attn = batch.attn
+            fresh = batch.state_slots[attn.query_lens == attn.seq_lens]
+            conv_state[fresh] = 0
+        hidden = self.engram(
+            h[:, None, :],  # [T, hc=1, D]: a dense backbone has one residual branch
+            rows,
+            batch.attn.query_start_loc,
+            conv_state,
+            batch.state_slots,
+        )  # [T, 1, D], residual included; conv_state updated in place
+        return hidden[:, 0, :]
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, engram_config: EngramConfig | None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, engram_config) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, D], before the final norm
+        h = self.embed_tokens(batch.token_ids)  # [T, D]
+        rope = self.rotary_emb(batch.positions)  # cos, sin [T, hd/2], shared by all layers
+        for layer in self.layers:
+            h = layer(h, rope, batch)
+        return h
+
+
+class LlamaForCausalLM(nn.Module):
+    """`model(batch) -> logits [S', vocab]` float32, for `batch.logits_indices` only."""
+
+    def __init__(self, config: ModelConfig, engram_config: EngramConfig | None = None) -> None:
+        super().__init__()
+        _check_config(config, engram_config)
+        self.config, self.engram_config = config, engram_config
+        self.model = LlamaModel(config, engram_config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection when the config ties them; call again
+        after replacing `embed_tokens.weight` (the loader does)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        h = self.model(batch)[batch.logits_indices]  # [S', D]: skip lm_head on other tokens
+        return self.lm_head(self.model.norm(h)).float()  # [S', vocab]
+
+
+def _check_config(config: ModelConfig, engram_config: EngramConfig | None) -> None:
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads {config.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {config.num_key_value_heads}"
+        )
+    if engram_config is None:
+        return
+    if engram_config.hc_mult != 1:
+        raise ValueError(
+            f"a Llama backbone has one residual branch; Engram hc_mult is {engram_config.hc_mult}"
+        )
+    bad = [i for i in engram_config.layer_ids if not 0 <= i < config.num_hidden_layers]
+    if bad:
+        raise ValueError(
+            f"Engram layer_ids {bad} outside the model's {config.num_hidden_layers} layers"
+        )
