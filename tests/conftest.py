@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads this when kernels are decorated, so it must be set before anything imports triton:
+# without CUDA, kernels run on CPU tensors in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 FIXTURES_DIR = Path(
     os.environ.get("ENGRAM_FIXTURES_DIR", Path(__file__).parents[2] / "shared/fixtures/engram")
 )

@@ -151,3 +151,54 @@ def engram_gate(
     # The signed square root keeps the sign and softens large logits before the sigmoid.
     g = g.abs().clamp_min(1e-6).sqrt() * g.sign()
     return torch.sigmoid(g).to(h.dtype)
+
+
+def gather_rows_cached(
+    table: torch.Tensor,
+    row_ids: torch.Tensor,
+    slots: torch.Tensor,
+    cache: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    cache_scale: torch.Tensor | None = None,
+    block: int = 32,
+) -> torch.Tensor:
+    """Gather through a row cache: out[i] = cache[slots[i]] where slots[i] >= 0 (a hit), else
+    table[row_ids[i]] (a miss), each dequantized as `gather_rows` does.
+
+    cache `[num_slots, W]` holds rows in the table's format (with cache_scale for FP8);
+    slots int64 shaped like row_ids, -1 for a miss -> float32 `[..., W]`.
+    """
+    if slots.shape != row_ids.shape:
+        raise ValueError(f"slots {tuple(slots.shape)} must match row_ids {tuple(row_ids.shape)}")
+    hits = slots >= 0  # [...]
+    out = torch.empty(*row_ids.shape, table.shape[1], dtype=torch.float32, device=row_ids.device)
+    out[hits] = gather_rows(cache, slots[hits], cache_scale, block)
+    out[~hits] = gather_rows(table, row_ids[~hits], scale, block)
+    return out
+
+
+def fused_engram_gate(
+    h: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    add_residual: bool,
+) -> torch.Tensor:
+    """The gate applied to the shared value, all in float32, rounded once to h's dtype:
+
+    y_b = a_b * value (+ h_b when add_residual), a = engram_gate(h, key, q_weight, k_weight, eps).
+
+    h, key `[T, hc, D]`, value `[T, D]` -> `[T, hc, D]`. v41: add_residual=True gives the new
+    hidden state; demo: add_residual=False gives v, the short conv's input.
+    """
+    a = engram_gate(h.float(), key.float(), q_weight, k_weight, eps)  # [T, hc]
+    if value.shape != (h.shape[0], h.shape[2]):
+        raise ValueError(
+            f"value must be [T, D] = {(h.shape[0], h.shape[2])}, got {tuple(value.shape)}"
+        )
+    y = a[..., None] * value.float()[:, None, :]  # [T, hc, D]
+    if add_residual:
+        y = y + h.float()
+    return y.to(h.dtype)

@@ -1,0 +1,353 @@
+"""Kernel benchmarks.
+
+CPU: the CPU path's row gather (`gather_rows_cpu`) against `torch.index_select` on the same
+rows of a table far larger than the caches (256-byte rows: 64 float32 values), plus the FP8
+V4.1 format (256 FP8 bytes + 8 UE8M0 scales a row) against the reference twin. Every method sees
+the same id sets, fresh ones each repeat (so no repeat finds the previous repeat's rows in
+cache), run in turn within each repeat (so a busy machine slows them alike). Two scenarios:
+`alone`, and `beside_forward`, with matmuls running on torch's threads meanwhile, as the
+engine's CPU prefetch gathers rows while the model computes.
+
+Two id distributions: `uniform` (independent random rows), and `text` (a step's real rows:
+windows of English text, CPython's bundled documentation, tokenized by the embedded SmolLM2
+tokenizer, compressed, and hashed by NgramHasher for 3 orders x 8 heads into the same table;
+repeated n-grams repeat rows, so the unique fraction is reported too).
+
+GPU (skipped without CUDA): the Triton hash against NgramHasher (NumPy), the Triton gather from
+device memory and from pinned host memory (UVA) against torch indexing, the fused gate against
+its twin.
+
+`python -m engram_serve.bench.kernels [--table-gib 2] [--repeats 20] [--json out.json]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+
+from engram_serve.config import EngramConfig
+from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.kernels import reference
+from engram_serve.kernels.cpu_gather import gather_rows_cpu
+
+ROW_BYTES = 256
+NUM_HEADS = 24  # 3 orders x 8 heads, as DeepSeek-V4.1
+# Rows one layer reads per step, as (sequences, new tokens each): a 32-sequence decode step, a
+# 512-token prefill chunk, and four of them (2048 tokens, the engine's default token budget).
+STEPS = {"decode_32": (32, 1), "prefill_512": (1, 512), "prefill_4x512": (4, 512)}
+
+
+def _median_min(times: list[float]) -> dict[str, float]:
+    return {"median_ms": float(np.median(times)) * 1e3, "min_ms": float(min(times)) * 1e3}
+
+
+def _race(methods: dict[str, Callable[[torch.Tensor], object]], id_sets: list[torch.Tensor]):
+    """Time every method on every id set, in turn; the first set is the warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for i, ids in enumerate(id_sets):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn(ids)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return {name: _median_min(t) for name, t in times.items()}
+
+
+class _TextSteps:
+    """Row ids of one Engram layer for steps of real text, in a table of about `num_rows` rows
+    (24 heads of equal prime height, as V4.1's 3 orders x 8 heads)."""
+
+    def __init__(self, num_rows: int, seed: int = 0) -> None:
+        from pydoc_data.topics import topics  # CPython's own documentation: English prose
+
+        from transformers import AutoTokenizer
+
+        from engram_serve.engine.compression import load_compression
+        from engram_serve.model.default_model import GGUF_FILE, packaged_gguf_path
+
+        tokenizer = AutoTokenizer.from_pretrained(packaged_gguf_path().parent, gguf_file=GGUF_FILE)
+        config = EngramConfig(
+            layer_ids=(1,), max_ngram_size=4, n_head_per_ngram=8,
+            engram_vocab_size=(num_rows // NUM_HEADS,) * 3, seed=seed, pad_id=2,
+        )  # fmt: skip
+        self.hasher = NgramHasher(config, load_compression(tokenizer))
+        text = "\n".join(topics.values())
+        self.corpus = self.hasher.compress(np.array(tokenizer(text)["input_ids"]))
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.hasher.table_rows[0])
+
+    def __call__(self, num_seqs: int, seq_len: int) -> torch.Tensor:
+        """`num_seqs` windows of `seq_len` tokens at random places, each with its lookback."""
+        back = self.hasher.lookback_len
+        starts = self.rng.integers(back, len(self.corpus) - seq_len, num_seqs)
+        ids = np.concatenate([self.corpus[s : s + seq_len] for s in starts])
+        lookback = np.stack([self.corpus[s - back : s] for s in starts])
+        qsl = np.arange(num_seqs + 1) * seq_len
+        rows = self.hasher.row_ids(ids, qsl, lookback)  # [1, T, 24]
+        return torch.from_numpy(np.ascontiguousarray(rows[0]).reshape(-1))
+
+
+def _id_sets(kind: str, steps: _TextSteps, shape: tuple[int, int], count: int):
+    if kind == "text":
+        return [steps(*shape) for _ in range(count)]
+    gen = torch.Generator().manual_seed(shape[0] * shape[1])
+    num_ids = shape[0] * shape[1] * NUM_HEADS
+    return [torch.randint(0, steps.num_rows, (num_ids,), generator=gen) for _ in range(count)]
+
+
+def _float32_table(num_rows: int) -> torch.Tensor:
+    # Written in full so every page is really backed (an untouched page reads as the one
+    # shared zero page, which would make random reads look cache-friendly).
+    table = torch.empty(num_rows, ROW_BYTES // 4)
+    table.fill_(0.5)
+    table[:, 0] = torch.arange(num_rows, dtype=torch.float32)  # a row's id, to check results
+    return table
+
+
+def _fp8_table(num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.empty(num_rows, ROW_BYTES, dtype=torch.uint8)
+    rows.fill_(0x38)  # 1.0
+    rows[:, :4] = torch.arange(num_rows, dtype=torch.int32)[:, None].view(torch.uint8)
+    scales = torch.full((num_rows, ROW_BYTES // 32), 127, dtype=torch.uint8)
+    return rows, scales
+
+
+def bench_cpu_gather(table_gib: float = 2.0, repeats: int = 20) -> dict:
+    """The float32 and FP8 gathers on a `table_gib` GiB table; see the module docstring."""
+    steps = _TextSteps(int(table_gib * 2**30) // ROW_BYTES)
+    results: dict = {
+        "table_rows": steps.num_rows, "row_bytes": ROW_BYTES,
+        "table_gib": steps.num_rows * ROW_BYTES / 2**30, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()[0],
+    }  # fmt: skip
+    results["float32"] = _cpu_cases(
+        steps, repeats, ROW_BYTES // 4, _float32_methods(steps.num_rows)
+    )
+    results["fp8"] = _cpu_cases(steps, repeats, ROW_BYTES, _fp8_methods(steps.num_rows))
+    results["loadavg_end"] = os.getloadavg()[0]
+    return results
+
+
+def _float32_methods(num_rows: int) -> tuple[str, Callable]:
+    table = _float32_table(num_rows)
+
+    def methods(out: torch.Tensor) -> dict[str, Callable[[torch.Tensor], object]]:
+        return {
+            "index_select": lambda ids: torch.index_select(table, 0, ids, out=out),
+            "gather_rows_cpu": lambda ids: gather_rows_cpu(table, ids, out=out),
+        }
+
+    return "index_select", methods
+
+
+def _fp8_methods(num_rows: int) -> tuple[str, Callable]:
+    rows, scales = _fp8_table(num_rows)
+
+    def methods(out: torch.Tensor) -> dict[str, Callable[[torch.Tensor], object]]:
+        return {
+            "reference": lambda ids: reference.gather_rows(rows, ids, scales),
+            "gather_rows_cpu": lambda ids: gather_rows_cpu(rows, ids, scales, out=out),
+        }
+
+    return "reference", methods
+
+
+def _cpu_cases(steps: _TextSteps, repeats: int, width: int, baseline_and_methods) -> dict:
+    """Every scenario, id distribution and step size for one table; the baseline's output is
+    checked against ours on the first id set."""
+    baseline, make_methods = baseline_and_methods
+    results = {}
+    for scenario, context in SCENARIOS.items():
+        for kind in ("uniform", "text"):
+            for case, shape in STEPS.items():
+                id_sets = _id_sets(kind, steps, shape, repeats + 1)
+                methods = make_methods(torch.empty(len(id_sets[0]), width))
+                want = methods[baseline](id_sets[0]).clone()
+                _check_same(want, methods["gather_rows_cpu"](id_sets[0]))
+                with context():
+                    timed = _race(methods, id_sets)
+                results[f"{scenario}/{kind}/{case}"] = _summary(timed, baseline, id_sets)
+    return results
+
+
+@contextmanager
+def _beside_forward() -> Iterator[None]:
+    """The engine's CPU case: rows are gathered while the model computes on the same cores.
+    A stand-in for the forward pass (SmolLM2-sized matmuls on torch's threads) runs meanwhile."""
+    stop = threading.Event()
+
+    def compute() -> None:
+        x, w = torch.randn(512, 576), torch.randn(576, 1536)
+        while not stop.is_set():
+            torch.mm(x, w)
+
+    thread = threading.Thread(target=compute, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+SCENARIOS = {"alone": nullcontext, "beside_forward": _beside_forward}
+
+
+def _check_same(want: torch.Tensor, got: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def _summary(timed: dict, baseline: str, id_sets: list[torch.Tensor]) -> dict:
+    ids = id_sets[1]
+    out = {
+        "rows": ids.numel(),
+        "unique_fraction": ids.unique().numel() / max(1, ids.numel()),
+        **{name: t for name, t in timed.items()},
+    }
+    out["speedup_median"] = timed[baseline]["median_ms"] / timed["gather_rows_cpu"]["median_ms"]
+    out["speedup_min"] = timed[baseline]["min_ms"] / timed["gather_rows_cpu"]["min_ms"]
+    return out
+
+
+def _cuda_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of `fn` on the current stream (CUDA events), after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def bench_gpu(repeats: int = 50, host_table_gib: float = 4.0) -> dict:
+    """Triton kernels on CUDA; {"skipped": reason} without it."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from engram_serve.kernels.gate import fused_engram_gate
+    from engram_serve.kernels.hash import ngram_hash
+
+    dev = torch.device("cuda")
+    results: dict = {"device": torch.cuda.get_device_name(dev)}
+    # Hash: the V4.1 layout (2 layers, orders 2-4, 8 heads), 8,192 packed tokens in 32 sequences.
+    config = EngramConfig(
+        variant="v41", layer_ids=(1, 14), max_ngram_size=4, n_head_per_ngram=8,
+        engram_vocab_size=(16_000_000,) * 3, head_dim=256, table_dtype="fp8_e4m3",
+    )  # fmt: skip
+    hasher = NgramHasher(config, np.arange(99_092, dtype=np.int64))
+    rng = np.random.default_rng(0)
+    num_tokens, num_seqs = 8192, 32
+    ids = rng.integers(0, hasher.num_compressed, num_tokens)
+    qsl = np.arange(num_seqs + 1, dtype=np.int64) * (num_tokens // num_seqs)
+    lookback = rng.integers(0, hasher.num_compressed, (num_seqs, 3))
+    args = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in
+            (ids, qsl, lookback, hasher.multipliers, hasher.primes, hasher.offsets)]  # fmt: skip
+    start = time.perf_counter()
+    for _ in range(5):
+        want = hasher.row_ids(ids, qsl, lookback)
+    numpy_ms = (time.perf_counter() - start) / 5 * 1e3
+    if not np.array_equal(ngram_hash(*args).cpu().numpy(), want):
+        raise AssertionError("Triton hash disagrees with NgramHasher")
+    results["hash"] = {
+        "tokens": num_tokens, "triton_ms": _cuda_time(lambda: ngram_hash(*args), repeats),
+        "numpy_ms": numpy_ms,
+    }  # fmt: skip
+    results["gather"] = _bench_gpu_gather(dev, repeats, host_table_gib)
+    results["gate"] = _bench_gpu_gate(dev, repeats, fused_engram_gate)
+    return results
+
+
+def _bench_gpu_gather(dev: torch.device, repeats: int, host_table_gib: float) -> dict:
+    """FP8 V4.1 rows from HBM, from pinned host memory (UVA), and half from an HBM cache."""
+    from engram_serve.kernels.gather import gather_rows
+
+    num_rows = int(host_table_gib * 2**30) // ROW_BYTES
+    device_rows, device_scales = (t.to(dev) for t in _fp8_table(num_rows))
+    host_rows, host_scales = (t.pin_memory() for t in _fp8_table(num_rows))
+    out: dict = {}
+    for tokens in (512, 8192):
+        ids = torch.randint(0, num_rows, (tokens, NUM_HEADS), device=dev)
+        # Half the rows cached in HBM: hits and misses in one launch.
+        slots = torch.where(ids % 2 == 0, torch.arange(ids.numel(), device=dev).view_as(ids), -1)
+        cache, cache_scale = (
+            device_rows[: ids.numel()].clone(),
+            device_scales[: ids.numel()].clone(),
+        )
+        cases = {
+            "device": partial(gather_rows, device_rows, ids, device_scales),
+            "pinned_host": partial(gather_rows, host_rows, ids, host_scales),
+            "pinned_host_half_cached": partial(
+                gather_rows, host_rows, ids, host_scales,
+                slots=slots, cache=cache, cache_scale=cache_scale,
+            ),
+            "torch_twin_device": partial(reference.gather_rows, device_rows, ids, device_scales),
+        }  # fmt: skip
+        moved = ids.numel() * (ROW_BYTES + ROW_BYTES // 32)
+        for name, fn in cases.items():
+            ms = _cuda_time(fn, repeats)
+            out[f"{name}/{tokens}_tokens"] = {"ms": ms, "gb_per_s": moved / ms / 1e6}
+    return out
+
+
+def _bench_gpu_gate(dev: torch.device, repeats: int, fused_engram_gate) -> dict:
+    out: dict = {}
+    for tokens, hc, dim in ((512, 4, 4096), (8192, 4, 4096), (8192, 1, 576)):
+        h, key = (torch.randn(tokens, hc, dim, device=dev, dtype=torch.bfloat16) for _ in "hk")
+        value = torch.randn(tokens, dim, device=dev, dtype=torch.bfloat16)
+        q_weight, k_weight = (torch.randn(hc, dim, device=dev) for _ in "qk")
+        args = (h, key, value, q_weight, k_weight, 1e-6, True)
+        out[f"{tokens}x{hc}x{dim}"] = {
+            "triton_ms": _cuda_time(partial(fused_engram_gate, *args), repeats),
+            "torch_twin_ms": _cuda_time(partial(reference.fused_engram_gate, *args), repeats),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table-gib", type=float, default=2.0, help="CPU table size")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--skip-cpu", action="store_true")
+    args = parser.parse_args(argv)
+    results = {}
+    if not args.skip_cpu:
+        results["cpu_gather"] = cpu = bench_cpu_gather(args.table_gib, args.repeats)
+        print(
+            f"CPU gather, {cpu['table_gib']:.2f} GiB table of {ROW_BYTES}-byte rows, "
+            f"{cpu['threads']} threads, load {cpu['loadavg_start']:.1f} -> {cpu['loadavg_end']:.1f}"
+        )
+        for fmt, baseline in (("float32", "index_select"), ("fp8", "reference")):
+            for case, r in cpu[fmt].items():
+                print(
+                    f"  {fmt:7s} {case:36s} {r['rows']:6d} rows"
+                    f" ({r['unique_fraction']:4.0%} unique)"
+                    f"  {baseline} {r[baseline]['median_ms']:8.3f} ms"
+                    f"  gather_rows_cpu {r['gather_rows_cpu']['median_ms']:8.3f} ms"
+                    f"  speedup {r['speedup_median']:5.2f}x (min-based {r['speedup_min']:5.2f}x)"
+                )
+    results["gpu"] = gpu = bench_gpu()
+    print("GPU:", json.dumps(gpu, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

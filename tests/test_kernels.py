@@ -1,0 +1,404 @@
+"""The Triton kernels against their twins, and the CPU gather against the reference.
+
+Without CUDA the kernels run on CPU tensors in Triton's interpreter, which Triton 3.9 picks when
+`@triton.jit` decorates a function, its own library included: TRITON_INTERPRET=1 must be set
+before anything imports triton (hence here, above the imports). With CUDA they run compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from engram_serve.config import EngramConfig  # noqa: E402
+from engram_serve.engine.ngram_hash import NgramHasher  # noqa: E402
+from engram_serve.kernels import cpu_gather  # noqa: E402
+from engram_serve.kernels import reference as ref  # noqa: E402
+from engram_serve.kernels.cpu_gather import gather_rows_cpu  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# FP8 values times large UE8M0 scales overflow to inf, as in the reference.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+if HAS_TRITON:
+    import triton.language as tl
+
+    from engram_serve.kernels.gate import fused_engram_gate
+    from engram_serve.kernels.gather import gather_rows
+    from engram_serve.kernels.hash import ngram_hash
+    from engram_serve.kernels.launch import is_interpreted
+
+    if DEVICE.type == "cpu" and not is_interpreted(tl.standard.sum):
+        raise RuntimeError(
+            "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
+            "on CPU tensors; set the variable in the environment or in tests/conftest.py"
+        )
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_same_floats(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit-for-bit, NaN included, and the sign of zero too."""
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    both = ~want.isnan()
+    assert torch.equal(got.signbit()[both], want.signbit()[both])
+
+
+# --- hashing ------------------------------------------------------------------------------
+
+# A compressed vocabulary of V4.1's size makes the multipliers ~2**46, so products reach ~2**63:
+# the kernel must multiply in int64 exactly as NumPy does.
+V41_VOCAB = 99_092
+HASH_CONFIGS = {
+    "N4_H3": EngramConfig(
+        layer_ids=(1, 14), max_ngram_size=4, n_head_per_ngram=3,
+        engram_vocab_size=(1_000_003, 2_000_003, 3_000_017),
+    ),
+    "N3_H5_one_layer": EngramConfig(
+        layer_ids=(2,), max_ngram_size=3, n_head_per_ngram=5, engram_vocab_size=(5003, 7001)
+    ),
+}  # fmt: skip
+SEQ_LENS = {
+    "one_token": [1],
+    "T1023": [1023],
+    "empty_sequences_between": [0, 5, 0, 7, 1, 0],
+    "decode_37": [1] * 37,
+    "mixed": [300, 1, 2, 3, 50],
+}
+
+
+@pytest.fixture(scope="module")
+def hashers() -> dict[str, NgramHasher]:
+    lookup = np.random.default_rng(0).integers(0, V41_VOCAB, size=V41_VOCAB + 1000)
+    lookup[:V41_VOCAB] = np.arange(V41_VOCAB)  # every compressed id occurs
+    return {name: NgramHasher(config, lookup) for name, config in HASH_CONFIGS.items()}
+
+
+def _packed_batch(hasher: NgramHasher, lens: list[int], seed: int):
+    rng = np.random.default_rng(seed)
+    qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ids = rng.integers(0, hasher.num_compressed, qsl[-1])
+    # Lookback ids span the whole vocabulary, pad id included.
+    lookback = rng.integers(0, hasher.num_compressed, (len(lens), hasher.lookback_len))
+    lookback[0, 0] = hasher.pad_id
+    return ids, qsl, lookback
+
+
+def _hash_args(hasher: NgramHasher, ids, qsl, lookback) -> list[torch.Tensor]:
+    arrays = (ids, qsl, lookback, hasher.multipliers, hasher.primes)
+    return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(DEVICE) for a in arrays]
+
+
+@needs_triton
+@pytest.mark.parametrize("config_name", HASH_CONFIGS)
+@pytest.mark.parametrize("lens", SEQ_LENS.values(), ids=SEQ_LENS.keys())
+def test_hash_kernel_equals_ngram_hasher(hashers, config_name, lens):
+    hasher = hashers[config_name]
+    ids, qsl, lookback = _packed_batch(hasher, lens, seed=len(lens))
+    args = _hash_args(hasher, ids, qsl, lookback)
+    offsets = torch.from_numpy(hasher.offsets).to(DEVICE)
+    rows = ngram_hash(*args, offsets=offsets).cpu().numpy()
+    np.testing.assert_array_equal(rows, hasher.row_ids(ids, qsl, lookback))
+    hashes = ngram_hash(*args).cpu().numpy()
+    np.testing.assert_array_equal(hashes, hasher.hash_packed(ids, qsl, lookback))
+    assert hasher.multipliers.max() > 2**45  # the products really come near int64's limit
+
+
+@needs_triton
+def test_hash_kernel_empty_batches(hashers):
+    hasher = hashers["N4_H3"]
+    num_layers, num_cols = hasher.primes.shape
+    for lens in ([0], [0, 0, 0]):  # sequences with no new tokens
+        args = _hash_args(hasher, *_packed_batch(hasher, lens, seed=0))
+        assert ngram_hash(*args).shape == (num_layers, 0, num_cols)
+    no_seqs = _hash_args(hasher, np.zeros(0), np.zeros(1), np.zeros((0, 3)))
+    assert ngram_hash(*no_seqs).shape == (num_layers, 0, num_cols)
+
+
+@needs_triton
+def test_hash_kernel_refuses_bad_inputs(hashers):
+    hasher = hashers["N4_H3"]
+    ids, qsl, lookback, mult, primes = _hash_args(hasher, *_packed_batch(hasher, [4, 2], seed=0))
+    with pytest.raises(TypeError, match="compressed_ids must be int64, got int32"):
+        ngram_hash(ids.int(), qsl, lookback, mult, primes)
+    with pytest.raises(ValueError, match=r"lookback must be \[S, N-1\] = \(2, 3\)"):
+        ngram_hash(ids, qsl, lookback[:, :2].contiguous(), mult, primes)
+    with pytest.raises(ValueError, match="lookback must be contiguous"):
+        ngram_hash(ids, qsl, lookback.T.contiguous().T, mult, primes)
+    with pytest.raises(ValueError, match=r"need primes \[L, \(N-1\)\*H\]"):
+        ngram_hash(ids, qsl, lookback, mult, primes[:, :-1].contiguous())
+    with pytest.raises(ValueError, match="offsets must match primes"):
+        ngram_hash(ids, qsl, lookback, mult, primes, offsets=primes[:1].contiguous())
+    with pytest.raises(ValueError, match="query_start_loc is on meta"):
+        ngram_hash(ids, qsl.to("meta"), lookback, mult, primes)
+
+
+# --- gather ------------------------------------------------------------------------------
+
+ID_SHAPES = {"one": (1,), "T1023": (1023,), "tokens_x_heads": (7, 5), "empty": (0,),
+             "empty_2d": (0, 24)}  # fmt: skip
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [24, 64])
+@pytest.mark.parametrize("shape", ID_SHAPES.values(), ids=ID_SHAPES.keys())
+def test_gather_kernel_float_rows_equal_twin(dtype, width, shape):
+    gen = _gen(width)
+    table = torch.randn(301, width, generator=gen).to(dtype)
+    ids = torch.randint(0, 301, shape, generator=gen)
+    got = gather_rows(table.to(DEVICE), ids.to(DEVICE))
+    assert got.dtype == torch.float32 and got.shape == (*shape, width)
+    _assert_same_floats(got.cpu(), ref.gather_rows(table, ids))
+
+
+def _fp8_table(num_rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 rows holding every byte value (NaN, +-0, subnormals), and scales including
+    2**-127 (byte 0), 1 (127), 2**127 (254) and NaN (255)."""
+    gen = _gen(seed)
+    rows = torch.randint(0, 256, (num_rows, width), dtype=torch.uint8, generator=gen)
+    rows.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    scales = torch.randint(100, 150, (num_rows, width // 32), dtype=torch.uint8, generator=gen)
+    scales.view(-1)[:8] = torch.tensor([0, 1, 127, 254, 255, 120, 130, 127], dtype=torch.uint8)
+    return rows, scales
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", ID_SHAPES.values(), ids=ID_SHAPES.keys())
+def test_gather_kernel_fp8_rows_equal_twin(shape):
+    rows, scales = _fp8_table(97, 64, seed=1)
+    ids = torch.randint(0, 97, shape, generator=_gen(2))
+    if ids.numel():
+        ids.view(-1)[:4] = torch.tensor([0, 1, 2, 3])[: ids.numel()]  # all 256 bytes appear
+    want = ref.gather_rows(rows, ids, scales)
+    _assert_same_floats(gather_rows(rows.to(DEVICE), ids.to(DEVICE), scales.to(DEVICE)).cpu(), want)
+    # torch's float8 dtypes are the same bytes
+    fp8 = gather_rows(
+        rows.view(torch.float8_e4m3fn).to(DEVICE),
+        ids.to(DEVICE),
+        scales.view(torch.float8_e8m0fnu).to(DEVICE),
+    )
+    _assert_same_floats(fp8.cpu(), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gather_kernel_through_cache_equals_twin(fp8):
+    gen = _gen(3)
+    if fp8:
+        table, scale = _fp8_table(200, 64, seed=4)
+        cache, cache_scale = _fp8_table(50, 64, seed=5)  # unlike any table row: hits must show
+    else:
+        table, scale = torch.randn(200, 64, generator=gen).bfloat16(), None
+        cache, cache_scale = torch.randn(50, 64, generator=gen).bfloat16(), None
+    ids = torch.randint(0, 200, (33, 6), generator=gen)
+    slots = torch.randint(0, 50, (33, 6), generator=gen)
+    slots[torch.rand(33, 6, generator=gen) < 0.4] = -1
+    want = ref.gather_rows_cached(table, ids, slots, cache, scale, cache_scale)
+    # The twin itself: hits come from the cache, misses from the table.
+    hits = slots >= 0
+    _assert_same_floats(want[hits], ref.gather_rows(cache, slots[hits], cache_scale))
+    _assert_same_floats(want[~hits], ref.gather_rows(table, ids[~hits], scale))
+
+    def on_device(t):
+        return None if t is None else t.to(DEVICE)
+
+    got = gather_rows(
+        table.to(DEVICE), ids.to(DEVICE), on_device(scale),
+        slots=slots.to(DEVICE), cache=cache.to(DEVICE), cache_scale=on_device(cache_scale),
+    )  # fmt: skip
+    _assert_same_floats(got.cpu(), want)
+
+
+@needs_triton
+def test_gather_kernel_cache_holding_table_rows_changes_nothing():
+    rows, scales = _fp8_table(120, 32, seed=6)
+    ids = torch.randint(0, 120, (1023,), generator=_gen(7))
+    cached_rows = torch.arange(0, 120, 3)  # every third table row sits in the cache
+    slot_of_row = torch.full((120,), -1)
+    slot_of_row[cached_rows] = torch.arange(len(cached_rows))
+    slots = slot_of_row[ids]
+    got = gather_rows(
+        rows.to(DEVICE), ids.to(DEVICE), scales.to(DEVICE), slots=slots.to(DEVICE),
+        cache=rows[cached_rows].to(DEVICE), cache_scale=scales[cached_rows].to(DEVICE),
+    )  # fmt: skip
+    _assert_same_floats(got.cpu(), ref.gather_rows(rows, ids, scales))
+
+
+@needs_triton
+def test_gather_kernel_output_dtype_and_capped_grid():
+    table = torch.randn(64, 40, generator=_gen(8))
+    ids = torch.randint(0, 64, (300,), generator=_gen(9))
+    want = ref.gather_rows(table, ids)
+    got = gather_rows(table.to(DEVICE), ids.to(DEVICE), out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # Within one bf16 rounding: the interpreter truncates where the GPU rounds to nearest.
+    torch.testing.assert_close(got.cpu().float(), want, rtol=2**-7, atol=0)
+    # One program walks every row block (the persistent loop).
+    _assert_same_floats(gather_rows(table.to(DEVICE), ids.to(DEVICE), max_programs=1).cpu(), want)
+    out = torch.empty(300, 40, device=DEVICE)
+    assert gather_rows(table.to(DEVICE), ids.to(DEVICE), out=out) is out
+
+
+@needs_triton
+def test_gather_kernel_refuses_bad_inputs():
+    rows, scales = (t.to(DEVICE) for t in _fp8_table(10, 64, seed=0))
+    ids = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="FP8 rows need their UE8M0 scale"):
+        gather_rows(rows, ids)
+    with pytest.raises(ValueError, match=r"needs a scale of shape \(10, 2\)"):
+        gather_rows(rows, ids, scales[:, :1].contiguous())
+    with pytest.raises(ValueError, match="a scale is only for FP8 rows"):
+        gather_rows(rows.float(), ids, scales)
+    with pytest.raises(TypeError, match="row_ids must be int64"):
+        gather_rows(rows, ids.int(), scales)
+    with pytest.raises(ValueError, match="table must have 2 dimensions"):
+        gather_rows(rows.float().view(-1), ids)
+    with pytest.raises(ValueError, match="slots and cache go together"):
+        gather_rows(rows, ids, scales, slots=ids)
+    with pytest.raises(ValueError, match="must be in the table's format"):
+        gather_rows(rows, ids, scales, slots=ids, cache=rows.float())
+
+
+# --- gate --------------------------------------------------------------------------------
+
+GATE_SHAPES = {"T1_hc1": (1, 1, 64), "T1023_hc3": (1023, 3, 16), "hc4_D576": (5, 4, 576),
+               "empty": (0, 2, 32)}  # fmt: skip
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", [True, False], ids=["weights", "no_weights"])
+@pytest.mark.parametrize("add_residual", [True, False], ids=["v41", "demo"])
+@pytest.mark.parametrize("shape", GATE_SHAPES.values(), ids=GATE_SHAPES.keys())
+def test_gate_kernel_equals_twin(dtype, weights, add_residual, shape):
+    num_tokens, hc, dim = shape
+    gen = _gen(dim)
+    h, key = (torch.randn(shape, generator=gen).to(dtype) for _ in "hk")
+    key[: num_tokens // 2] *= 0.01  # small logits, where the signed square root is steep
+    value = torch.randn(num_tokens, dim, generator=gen).to(dtype)
+    qw, kw = (1 + 0.3 * torch.randn(hc, dim, generator=gen) if weights else None for _ in "qk")
+    eps = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+
+    def on_device(t):
+        return None if t is None else t.to(DEVICE)
+
+    got = fused_engram_gate(*map(on_device, (h, key, value, qw, kw)), eps, add_residual)
+    want = ref.fused_engram_gate(h, key, value, qw, kw, eps, add_residual)
+    assert got.dtype == dtype and got.shape == shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+
+
+def test_fused_gate_twin_gives_the_v41_module_output():
+    from engram_serve.model.engram import EngramV41
+
+    config = EngramConfig(
+        variant="v41", layer_ids=(1,), max_ngram_size=3, n_head_per_ngram=2,
+        engram_vocab_size=(101, 103), head_dim=8, hc_mult=2, table_dtype="float32",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = EngramV41(config, hidden_size=32)
+    with torch.no_grad():
+        module.q_weight.normal_(1, 0.3)
+        module.k_weight.normal_(1, 0.3)
+    hidden = torch.randn(9, 2, 32)
+    rows = torch.randn(9, config.num_heads, config.head_dim)
+    with torch.no_grad():
+        kv = module.wkv(rows.flatten(1))  # [T, (hc+1)*D]
+        key, value = kv[:, :64].unflatten(1, (2, 32)), kv[:, 64:]
+        want = module(hidden, rows)
+        got = ref.fused_engram_gate(
+            hidden, key, value, module.q_weight, module.k_weight, config.rms_norm_eps, True
+        )
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
+def test_gate_kernel_refuses_bad_inputs():
+    h = torch.randn(4, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"need h, key \[T, hc, D\] and value \[T, D\]"):
+        fused_engram_gate(h, h, h[:, 0, :4].contiguous(), None, None, 1e-6, True)
+    with pytest.raises(ValueError, match=r"q_weight must be \[hc, D\] = \(2, 8\)"):
+        fused_engram_gate(h, h, h[:, 0].contiguous(), h[0, :1], None, 1e-6, True)
+    strided = h.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="key must be contiguous"):
+        fused_engram_gate(h, strided, h[:, 0].contiguous(), None, None, 1e-6, True)
+    with pytest.raises(TypeError, match="h must be float32, bfloat16, float16, got int64"):
+        fused_engram_gate(h.long(), h, h[:, 0].contiguous(), None, None, 1e-6, True)
+
+
+# --- CPU gather --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["real_sizes", "tiny_sizes"])
+def cpu_gather_sizes(request, monkeypatch):
+    """The real thresholds, and tiny ones under which a few thousand rows are split over every
+    thread, into many index_select chunks and FP8 decode pieces."""
+    if request.param == "tiny_sizes":
+        monkeypatch.setattr(cpu_gather, "_MIN_ROWS_PER_THREAD", 100)
+        monkeypatch.setattr(cpu_gather, "_TORCH_GRAIN", 1000)
+        monkeypatch.setattr(cpu_gather, "_DECODE_ROWS", 37)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "fp8", "float8_e4m3fn"])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (9000,)], ids=str)
+def test_cpu_gather_equals_reference(cpu_gather_sizes, num_threads, dtype, shape):
+    gen = _gen(len(shape))
+    if dtype in ("fp8", "float8_e4m3fn"):
+        table, scale = _fp8_table(5000, 64, seed=3)
+        if dtype == "float8_e4m3fn":
+            table, scale = table.view(torch.float8_e4m3fn), scale.view(torch.float8_e8m0fnu)
+    else:
+        table, scale = torch.randn(5000, 48, generator=gen).to(getattr(torch, dtype)), None
+        table.view(-1)[:4] = torch.tensor([0.0, -0.0, float("nan"), float("inf")])
+    ids = torch.randint(0, 5000, shape, generator=gen)
+    if ids.numel():
+        ids.view(-1)[:2] = torch.tensor([0, 1])[: ids.numel()]  # the special values appear
+    got = gather_rows_cpu(table, ids, scale, num_threads=num_threads)
+    assert got.dtype == torch.float32
+    _assert_same_floats(got, ref.gather_rows(table, ids, scale))
+
+
+def test_cpu_gather_writes_into_out_and_handles_strided_tables():
+    table = torch.randn(100, 64, generator=_gen(0))
+    ids = torch.randint(0, 100, (6000,), generator=_gen(1))
+    out = torch.empty(6000, 64)
+    assert gather_rows_cpu(table, ids, out=out) is out
+    assert torch.equal(out, ref.gather_rows(table, ids))
+    strided = table[:, ::2]  # not contiguous: falls back to the reference, same result
+    assert torch.equal(gather_rows_cpu(strided, ids), ref.gather_rows(strided, ids))
+
+
+def test_cpu_gather_refuses_what_the_reference_refuses():
+    table = torch.randn(10, 64)
+    rows, scales = _fp8_table(10, 64, seed=0)
+    for bad in (torch.tensor([10]), torch.tensor([-1, 3])):
+        with pytest.raises(IndexError, match="outside a table of 10 rows"):
+            ref.gather_rows(table, bad)
+        with pytest.raises(IndexError, match="outside a table of 10 rows"):
+            gather_rows_cpu(table, bad)
+    with pytest.raises(ValueError, match="needs its UE8M0 `scale`"):
+        gather_rows_cpu(rows, torch.tensor([1]))
+    with pytest.raises(ValueError, match="`scale` is only for FP8 tables"):
+        gather_rows_cpu(table, torch.tensor([1]), scales)
+    with pytest.raises(ValueError, match=r"needs a scale of shape \(10, 2\)"):
+        gather_rows_cpu(rows, torch.tensor([1]), scales[:, :1])
+    with pytest.raises(ValueError, match="out must be a contiguous float32 tensor"):
+        gather_rows_cpu(table, torch.tensor([1, 2]), out=torch.empty(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"table must be \[rows, width\]"):
+        gather_rows_cpu(table.view(-1), torch.tensor([1]))
