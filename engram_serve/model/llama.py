@@ -27,6 +27,23 @@ from engram_serve.model.engram import build_engram
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input, so a step runs one
+    matmul instead of several. The projections' parameters become views into the fused tensors:
+    names stay Hugging Face's, no memory is duplicated, and in-place updates stay in sync."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+    start = 0
+    for lin in linears:
+        rows = slice(start, start + lin.out_features)
+        lin.weight = nn.Parameter(weight[rows], requires_grad=False)
+        if has_bias:
+            lin.bias = nn.Parameter(bias[rows], requires_grad=False)
+        start = rows.stop
+    return weight, bias
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, the statistics taken in float32 whatever the model dtype."""
 
@@ -109,10 +126,12 @@ class LlamaAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
     ) -> torch.Tensor:  # x [T, D] -> [T, D]
-        num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, hd]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, hd]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, hd]
+        num_tokens, hd = x.shape[0], self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 KVH) hd]
+        q, k, v = qkv.split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], -1)
+        q = q.reshape(num_tokens, self.num_heads, hd)  # [T, H, hd]
+        k = k.reshape(num_tokens, self.num_kv_heads, hd)  # [T, KVH, hd]
+        v = v.reshape(num_tokens, self.num_kv_heads, hd)  # [T, KVH, hd]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -121,6 +140,11 @@ class LlamaAttention(nn.Module):
             q, k, v, cache.k[self.layer_id], cache.v[self.layer_id], batch.attn, self.scale
         )  # [T, H, hd]
         return self.o_proj(out.view(num_tokens, -1))
+
+    def fuse_projections(self) -> None:
+        weight, bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.register_buffer("qkv_weight", weight, persistent=False)
+        self.register_buffer("qkv_bias", bias, persistent=False)
 
 
 class LlamaMLP(nn.Module):
@@ -134,7 +158,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(ff, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [T, FF] each
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse_projections(self) -> None:
+        weight, _ = fuse_linears([self.gate_proj, self.up_proj])
+        self.register_buffer("gate_up_weight", weight, persistent=False)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -208,6 +237,14 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, engram_config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        self.fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into single matmuls; call again after replacing parameters
+        (the loader does)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection when the config ties them; call again

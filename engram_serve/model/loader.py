@@ -167,6 +167,7 @@ def load_model(
     for file, names in by_file.items():
         _load_file(model, file, names, expected, dtype)
     model.tie_weights()
+    model.fuse_projections()
     _check_materialised(model)
     return model.eval()
 
