@@ -1,0 +1,101 @@
+"""A real Prometheus server scrapes the live server's /metrics every second; its HTTP API must
+then show the request-latency and Engram metrics. Skipped when the `prometheus` binary is absent
+(Debian: apt-get install prometheus)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import httpx
+import pytest
+from test_server_support import free_port, wait_for
+
+from engram_serve.config import EngineConfig, ServerConfig
+from engram_serve.llm import build_engine
+from engram_serve.server.api import BackgroundServer, build_app
+
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None,
+    reason="the `prometheus` binary is not installed (Debian: apt-get install prometheus)",
+)
+MODEL = "smol-prom"
+
+CONFIG = """\
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: engram-serve
+    scrape_interval: 1s
+    static_configs:
+      - targets: ["{target}"]
+"""
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    config = EngineConfig(max_num_seqs=4, kv_cache_bytes=128 << 20, max_model_len=512)
+    app = build_app(build_engine(default_model_dir, config), ServerConfig(served_model_name=MODEL))
+    with BackgroundServer(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prometheus")
+    (root / "prometheus.yml").write_text(CONFIG.format(target=f"{server.host}:{server.port}"))
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(root / "prometheus.log", "w") as log:
+        proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={root / 'prometheus.yml'}",
+             f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address={url[7:]}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: _ready(url, proc), timeout_s=60, interval_s=0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _ready(url: str, proc: subprocess.Popen) -> bool:
+    assert proc.poll() is None, "prometheus exited; see prometheus.log"
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _query(url: str, promql: str) -> float | None:
+    """The value of an instant query with one result, or None while it has none."""
+    reply = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5).json()
+    assert reply["status"] == "success", reply
+    results = reply["data"]["result"]
+    return float(results[0]["value"][1]) if results else None
+
+
+def test_prometheus_scrapes_latency_and_engram_metrics(server, prometheus):
+    wait_for(lambda: _query(prometheus, 'up{job="engram-serve"}') == 1, timeout_s=30)
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
+            "ignore_eos": True}  # fmt: skip
+    for stream in (False, True):
+        reply = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": stream})
+        assert reply.status_code == 200
+
+    def ttft_count() -> float | None:
+        value = _query(prometheus, "sum(engram_serve_time_to_first_token_seconds_count)")
+        return value if value and value > 0 else None
+
+    assert wait_for(ttft_count, timeout_s=30, interval_s=0.5) > 0
+    # A scrape may have caught the second request running; wait for one taken after it.
+    success = 'engram_serve_request_success_total{finished_reason="length"}'
+    wait_for(lambda: _query(prometheus, success) == 2, timeout_s=10, interval_s=0.5)
+    assert _query(prometheus, "sum(engram_serve_time_to_first_token_seconds_count)") == 2
+    assert _query(prometheus, "sum(engram_serve_generation_tokens_total)") == 12
+    assert _query(prometheus, "sum(engram_serve_engram_lookups_total)") > 0
+    assert _query(prometheus, "sum(engram_serve_engram_table_bytes)") > 0
+    assert _query(prometheus, "sum(engram_serve_engram_prefetch_stall_seconds_count)") > 0
+    assert _query(prometheus, 'engram_serve_num_requests_running{model_name="smol-prom"}') == 0

@@ -1,0 +1,84 @@
+"""Helpers shared by the server tests (this module holds no tests): scraping /metrics, reading SSE
+streams, waiting, and a tiny random-weight model with the real SmolLM2 tokenizer (fast enough
+for fuzzing)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"
+)  # fmt: skip
+
+
+def metric(url: str, sample: str, **labels: str) -> float:
+    """Sum of the /metrics samples named `sample` whose labels include `labels`; 0 if none."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05):
+    """Poll until `predicate()` is truthy; return its value, or raise after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def sse_data(lines: list[str]) -> list[Any]:
+    """The `data:` payloads of an SSE stream's lines: parsed JSON, or the string "[DONE]"."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model_dir(root: Path, default_model_dir: Path) -> Path:
+    """A 2-layer Llama with random weights and the default model's tokenizer and chat template:
+    real text in and out, microseconds per step."""
+    from helpers import save_tiny_hf
+    from transformers import LlamaConfig
+
+    out = root / "tiny-llama"
+    out.mkdir(parents=True, exist_ok=True)
+    generation = json.loads((default_model_dir / "generation_config.json").read_text())
+    save_tiny_hf(
+        out,
+        LlamaConfig(
+            vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+            tie_word_embeddings=True, eos_token_id=generation.get("eos_token_id"),
+        ),
+    )  # fmt: skip
+    for name in TOKENIZER_FILES:
+        if (default_model_dir / name).exists():
+            shutil.copy(default_model_dir / name, out / name)
+    return out
