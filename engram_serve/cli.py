@@ -112,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print JSON with token ids")
 
     bench = sub.add_parser("bench", help="benchmarks; `engram-serve bench NAME --help`")
