@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (OSError, ValueError, RuntimeError) as err:  # bad models, tables, flags: no traceback
+        print(f"engram-serve: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

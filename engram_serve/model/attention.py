@@ -88,6 +88,14 @@ def gather_context(
     return blocks.view(num_seqs, num_blocks * block_size, *cache.shape[2:])
 
 
+def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, -inf elsewhere. SDPA on CPU runs several times faster with
+    an additive float mask than with a boolean one."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(
+        ~valid, float("-inf")
+    )
+
+
 def decode_attention(
     q: torch.Tensor,  # [S, H, hd], one query per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd]
@@ -103,8 +111,9 @@ def decode_attention(
     v = gather_context(v_cache, block_tables, max_len).transpose(1, 2)  # [S, KVH, L, hd]
     # GQA without copying K/V: the query heads sharing a KV head become that head's "queries".
     q = q.view(num_seqs, kv_heads, num_heads // kv_heads, hd)  # [S, KVH, G, hd]
-    mask = torch.arange(k.shape[2], device=q.device) < seq_lens[:, None]  # [S, L]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    valid = torch.arange(k.shape[2], device=q.device) < seq_lens[:, None]  # [S, L]
+    mask = additive_mask(valid, q.dtype)[:, None, None, :]  # [S, 1, 1, L]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(num_seqs, num_heads, hd)
 
 
@@ -128,7 +137,7 @@ def prefill_attention(
         # Query i sits at position past_len + i and sees keys 0..past_len + i.
         key_pos = torch.arange(seq_len, device=q.device)
         query_pos = torch.arange(past_len, seq_len, device=q.device)
-        mask, is_causal = key_pos[None, :] <= query_pos[:, None], False  # [Q, L]
+        mask, is_causal = additive_mask(key_pos[None, :] <= query_pos[:, None], q.dtype), False
     # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its slow, materialising path.
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],  # [1, H, Q, hd]
