@@ -12,6 +12,7 @@ import json
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 from engram_serve.config import EngineConfig, OffloadConfig
 
@@ -37,26 +38,40 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str = "")
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=_FLAG_HELP.get(f.name))
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=_FLAG_HELP.get(f.name),
+            )
         else:
             literal = typing.get_origin(kind) is typing.Literal
             convert = base if base in (int, float) else str
-            parser.add_argument(flag, type=convert, default=f.default, dest=prefix + f.name,
-                                choices=typing.get_args(kind) if literal else None,
-                                help=_FLAG_HELP.get(f.name))
+            parser.add_argument(
+                flag,
+                type=convert,
+                default=f.default,
+                dest=prefix + f.name,
+                choices=typing.get_args(kind) if literal else None,
+                help=_FLAG_HELP.get(f.name),
+            )
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="model directory or .gguf file (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model directory or .gguf file (default: the embedded SmolLM2)",
+    )
     parser.add_argument("--no-engram", action="store_true", help="run without Engram layers")
     _add_dataclass_flags(parser.add_argument_group("engine"), EngineConfig)
     _add_dataclass_flags(parser.add_argument_group("engram offload"), OffloadConfig, "engram_")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, OffloadConfig]:
-    engine = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    engine = EngineConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    )
     offload = OffloadConfig(
         **{f.name: getattr(args, "engram_" + f.name) for f in dataclasses.fields(OffloadConfig)}
     )
@@ -84,8 +99,15 @@ def _generate(args: argparse.Namespace) -> None:
         outputs = llm.generate(args.prompt, sampling)
     completion = outputs[0].outputs[0]
     if args.json:
-        print(json.dumps({"text": completion.text, "token_ids": completion.token_ids,
-                          "finish_reason": completion.finish_reason}))
+        print(
+            json.dumps(
+                {
+                    "text": completion.text,
+                    "token_ids": completion.token_ids,
+                    "finish_reason": completion.finish_reason,
+                }
+            )
+        )
     else:
         print(completion.text)
 
@@ -153,7 +175,11 @@ def _tables_init(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.model_dir} has no engram.json; pass --config FILE")
     lookup = load_compression(Tokenizer(args.model_dir).hf_tokenizer)
     manifest = init_tables(
-        args.model_dir, config, num_compressed(lookup), seed=args.seed, dtype=args.dtype,
+        args.model_dir,
+        config,
+        num_compressed(lookup),
+        seed=args.seed,
+        dtype=args.dtype,
         identity=args.identity,
     )
     print(json.dumps(manifest, indent=2, default=str))
@@ -176,7 +202,7 @@ def _tables_profile(args: argparse.Namespace) -> None:
     model_dir = resolve_model_dir(args.model)
     tokenizer = Tokenizer(model_dir)
     hasher = NgramHasher(read_engram_config(model_dir), load_compression(tokenizer.hf_tokenizer))
-    documents = (tokenizer.encode(open(f, encoding="utf-8").read()) for f in args.files)
+    documents = (tokenizer.encode(Path(f).read_text(encoding="utf-8")) for f in args.files)
     profile = profile_rows(hasher, documents, top_k=args.top_k)
     profile.save(args.output)
     print(f"profiled {profile.num_tokens} tokens -> {args.output}")
@@ -188,8 +214,11 @@ def _add_table_commands(tables) -> None:
     p.add_argument("--config", help="an engram.json to use (default: the directory's own)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp8_e4m3"])
     p.add_argument("--seed", type=int, default=0, help="seed of the table contents")
-    p.add_argument("--identity", action="store_true",
-                   help="zero the value path, so outputs equal the backbone's")
+    p.add_argument(
+        "--identity",
+        action="store_true",
+        help="zero the value path, so outputs equal the backbone's",
+    )
     p.set_defaults(run=_tables_init)
 
     p = tables.add_parser("verify", help="check table files against their manifest")

@@ -1,9 +1,9 @@
 """Offline API, shaped like vLLM's:
 
-    from engram_serve import LLM, SamplingParams
-    llm = LLM()                                   # the embedded default model
-    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
-    print(outputs[0].outputs[0].text)
+from engram_serve import LLM, SamplingParams
+llm = LLM()                                   # the embedded default model
+outputs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
+print(outputs[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -163,7 +163,9 @@ class LLM:
     ) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.engine.tokenizer
-        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        prompts = [
+            tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -12,19 +12,32 @@ from engram_serve.llm import LLM
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engram_serve.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "engram_serve.cli", *args],
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 
 
 def test_generate_prints_the_greedy_completion(default_model_dir):
-    run = _cli("generate", "The capital of France is", "--max-tokens", "8", "--json",
-               "--model", str(default_model_dir), "--max-model-len", "512")
+    run = _cli(
+        "generate",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--model",
+        str(default_model_dir),
+        "--max-model-len",
+        "512",
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    offline = LLM(default_model_dir, max_model_len=512).generate(
-        "The capital of France is", SamplingParams(temperature=0, max_tokens=8)
-    )[0].outputs[0]
+    offline = (
+        LLM(default_model_dir, max_model_len=512)
+        .generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0]
+        .outputs[0]
+    )
     assert result["token_ids"] == offline.token_ids and result["text"] == offline.text
 
 

@@ -45,7 +45,10 @@ def _run_all(engine, prompts, sampling) -> dict[str, list[int]]:
 
 def test_batched_greedy_equals_one_at_a_time_under_preemption(default_model_dir):
     config = EngineConfig(
-        max_num_seqs=32, max_num_batched_tokens=512, kv_block_size=16, num_kv_blocks=200,
+        max_num_seqs=32,
+        max_num_batched_tokens=512,
+        kv_block_size=16,
+        num_kv_blocks=200,
         max_model_len=1024,
     )
     engine = build_engine(default_model_dir, config)
@@ -62,8 +65,9 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(llm):
     tok = llm.get_tokenizer()
     prompts = _prompts(tok, 6, 5, 60, seed=1)
     sampling = [
-        SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=100 + i, max_tokens=12,
-                       ignore_eos=True)
+        SamplingParams(
+            temperature=0.9, top_p=0.95, top_k=50, seed=100 + i, max_tokens=12, ignore_eos=True
+        )
         for i in range(len(prompts))
     ]
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, sampling)]
@@ -113,17 +117,20 @@ def test_finish_reasons_length_stop_token_eos_and_abort(llm):
 
     third = free.outputs[0].token_ids[2]
     first_hit = free.outputs[0].token_ids.index(third)
-    stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6,
-                                                    stop_token_ids=[third]))[0].outputs[0]
+    stopped = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[third])
+    )[0].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == third
     assert stopped.token_ids == free.outputs[0].token_ids[: first_hit + 1]
 
-    held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, min_tokens=6,
-                                                 stop_token_ids=[third]))[0].outputs[0]
+    held = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=6, min_tokens=6, stop_token_ids=[third])
+    )[0].outputs[0]
     assert held.finish_reason == "length" and len(held.token_ids) == 6
 
-    chat = llm.chat([{"role": "user", "content": "Say hello."}],
-                    SamplingParams(temperature=0, max_tokens=200))[0].outputs[0]
+    chat = llm.chat(
+        [{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0, max_tokens=200)
+    )[0].outputs[0]
     assert chat.finish_reason == "stop" and chat.stop_reason is None
     assert chat.token_ids[-1] in tok.eos_token_ids
 
@@ -146,15 +153,21 @@ def test_greedy_equivalents_top_k_one_and_min_p_one(llm):
     prompt = "Water boils at"
     greedy = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
     for params in (dict(top_k=1), dict(min_p=1.0), dict(top_p=1e-6)):
-        sampled = llm.generate(
-            prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, **params)
-        )[0].outputs[0].token_ids
+        sampled = (
+            llm.generate(
+                prompt,
+                SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, **params),
+            )[0]
+            .outputs[0]
+            .token_ids
+        )
         assert sampled == greedy, params
 
 
 def test_logprobs_rank_and_top_alternatives(llm):
-    out = llm.generate("One, two, three,", SamplingParams(temperature=0, max_tokens=4,
-                                                          logprobs=5, ignore_eos=True))[0]
+    out = llm.generate(
+        "One, two, three,", SamplingParams(temperature=0, max_tokens=4, logprobs=5, ignore_eos=True)
+    )[0]
     completion = out.outputs[0]
     assert len(completion.logprobs) == 4
     for token_id, entry in zip(completion.token_ids, completion.logprobs):

@@ -16,10 +16,17 @@ from engram_serve.llm import build_engine
 from engram_serve.model.default_model import DEFAULT_ENGRAM
 from engram_serve.model.tables import init_tables
 
-BACKBONE_FILES = ("config.json", "model.safetensors", "generation_config.json",
-                  "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, kv_block_size=16,
-                      num_kv_blocks=8, max_model_len=128)
+BACKBONE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+ENGINE = EngineConfig(
+    max_num_seqs=8, max_num_batched_tokens=64, kv_block_size=16, num_kv_blocks=8, max_model_len=128
+)
 TIERS = {
     "host": OffloadConfig(tier="host"),
     "disk": OffloadConfig(tier="disk", cache_rows=0),
@@ -44,8 +51,12 @@ def engram_model_dir(default_model_dir, tmp_path_factory):
 
 def _generate(engine) -> list[tuple[list[int], list[float]]]:
     tok = engine.tokenizer
-    texts = ["The history of the printing press", "def merge_sort(items):", "Dear diary, today",
-             "Photosynthesis converts"]
+    texts = [
+        "The history of the printing press",
+        "def merge_sort(items):",
+        "Dear diary, today",
+        "Photosynthesis converts",
+    ]
     prompts = [tok.encode(t * 6)[: 30 + 9 * i] for i, t in enumerate(texts)]
     sampling = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     ids = [engine.add_request(p, sampling).request_id for p in prompts]
@@ -54,7 +65,10 @@ def _generate(engine) -> list[tuple[list[int], list[float]]]:
         for out in engine.step():
             if out.finished:
                 c = out.outputs[0]
-                done[out.request_id] = (c.token_ids, [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+                done[out.request_id] = (
+                    c.token_ids,
+                    [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                )
     return [done[i] for i in ids]
 
 

@@ -17,12 +17,19 @@ from engram_serve.model.loader import load_model, load_model_config
 
 VOCAB = 96
 HF_CONFIG = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    rms_norm_eps=1e-6, tie_word_embeddings=True,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
 )
-ENGRAM = dict(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=2, head_dim=8,
-              engram_vocab_size=(53, 59))
+ENGRAM = dict(
+    layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=2, head_dim=8, engram_vocab_size=(53, 59)
+)
 
 
 class HashedRows:

@@ -10,8 +10,12 @@ from engram_serve.config import EngramConfig
 from engram_serve.engine.ngram_hash import NgramHasher, find_multipliers, find_primes, is_prime
 
 SMALL = EngramConfig(
-    layer_ids=(1, 4), max_ngram_size=4, n_head_per_ngram=3,
-    engram_vocab_size=(101, 211, 307), head_dim=8, pad_id=2,
+    layer_ids=(1, 4),
+    max_ngram_size=4,
+    n_head_per_ngram=3,
+    engram_vocab_size=(101, 211, 307),
+    head_dim=8,
+    pad_id=2,
 )
 LOOKUP = np.random.default_rng(0).permutation(500) % 400  # 500 raw ids -> 400 compressed
 

@@ -158,9 +158,15 @@ def test_unseen_fixture_of_the_same_form_passes(tmp_path, smollm2_hf_tokenizer):
     )
     path = tmp_path / "hash_new.npz"
     np.savez(
-        path, config=np.array(json.dumps(config_raw)), input_ids=input_ids,
-        multipliers=hasher.multipliers, primes=hasher.primes, hashes=hashes,
+        path,
+        config=np.array(json.dumps(config_raw)),
+        input_ids=input_ids,
+        multipliers=hasher.multipliers,
+        primes=hasher.primes,
+        hashes=hashes,
     )
     handler_for(path)(path, smollm2_hf_tokenizer)
     shutil.copy(FIXTURES_DIR / "compress_smollm2.npz", tmp_path / "compress_copy.npz")
-    handler_for(tmp_path / "compress_copy.npz")(tmp_path / "compress_copy.npz", smollm2_hf_tokenizer)
+    handler_for(tmp_path / "compress_copy.npz")(
+        tmp_path / "compress_copy.npz", smollm2_hf_tokenizer
+    )

@@ -13,8 +13,9 @@ from engram_serve.engine.sampler import apply_penalties, apply_top_k_top_p, samp
 
 
 def _request(prompt, output, **sampling) -> Request:
-    r = Request("r", list(prompt), SamplingParams(**sampling), eos_token_ids=(0,),
-                max_total_len=100)
+    r = Request(
+        "r", list(prompt), SamplingParams(**sampling), eos_token_ids=(0,), max_total_len=100
+    )
     r.output_token_ids = list(output)
     r.generator = torch.Generator().manual_seed(0)
     return r
@@ -22,8 +23,9 @@ def _request(prompt, output, **sampling) -> Request:
 
 def test_penalties_follow_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
-    r = _request([1], [2, 2, 3], repetition_penalty=1.5, presence_penalty=0.25,
-                 frequency_penalty=0.5)
+    r = _request(
+        [1], [2, 2, 3], repetition_penalty=1.5, presence_penalty=0.25, frequency_penalty=0.5
+    )
     got = apply_penalties(logits.clone(), [r])[0].tolist()
     counts = {2: 2, 3: 1}
     for token, value in enumerate(logits[0].tolist()):

@@ -25,7 +25,10 @@ V41_COMPRESSED_VOCAB = 99_092
 
 
 def reference_hash(
-    compressed: np.ndarray, multipliers: np.ndarray, primes: np.ndarray, config: EngramConfig,
+    compressed: np.ndarray,
+    multipliers: np.ndarray,
+    primes: np.ndarray,
+    config: EngramConfig,
     pad_id: int,
 ) -> np.ndarray:
     """The reference's own loop, `[L, B, T, (N-1)*H]` for whole sequences `compressed [B, T]`."""
@@ -47,11 +50,11 @@ def reference_hash(
     return np.stack(layers)
 
 
-def _time(fn, repeat: int) -> float:
-    fn()
+def _time(repeat: int, fn, *args) -> float:
+    fn(*args)
     start = time.perf_counter()
     for _ in range(repeat):
-        fn()
+        fn(*args)
     return (time.perf_counter() - start) / repeat
 
 
@@ -68,14 +71,12 @@ def run(decode_seqs: int = 64, prefill_seqs: int = 32, prefill_len: int = 1024) 
         flat = ids.reshape(-1)
         qsl = np.arange(batch + 1, dtype=np.int64) * seq_len
         lookback = rng.integers(0, V41_COMPRESSED_VOCAB, size=(batch, hasher.lookback_len))
-        ours = _time(lambda: hasher.hash_packed(flat, qsl, lookback), repeat)
+        ours = _time(repeat, hasher.hash_packed, flat, qsl, lookback)
         # The reference sees decode steps as one-token sequences with their lookback prepended.
         history = np.concatenate([lookback, ids], axis=1)
         ref = _time(
-            lambda: reference_hash(
-                history, hasher.multipliers, hasher.primes, V41_ENGRAM, hasher.pad_id
-            ),
-            repeat,
+            repeat, reference_hash, history, hasher.multipliers, hasher.primes, V41_ENGRAM,
+            hasher.pad_id,
         )
         num_tokens = batch * seq_len
         results[case] = {
@@ -89,15 +90,48 @@ def run(decode_seqs: int = 64, prefill_seqs: int = 32, prefill_len: int = 1024) 
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    results = run()
-    for case, r in results.items():
+def synthetic_tokenizer(vocab_size: int, seed: int = 0):
+    """A byte-level BPE tokenizer of `vocab_size` random tokens: a stand-in for a 128k
+    vocabulary, which no model on this machine has."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(seed)
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    while len(vocab) < vocab_size:
+        token = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 8)))
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def compression_seconds(vocab_size: int = 128_000) -> float:
+    from engram_serve.engine.compression import build_compression
+
+    tokenizer = synthetic_tokenizer(vocab_size)
+    start = time.perf_counter()
+    build_compression(tokenizer)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    hashing = run()
+    for case, r in hashing.items():
         print(
             f"{case:8s} {r['tokens']:6d} tokens  ours {r['ours_ms']:8.3f} ms "
             f"({r['ours_mtok_s']:.2f} Mtok/s)  reference {r['reference_ms']:8.3f} ms "
             f"({r['reference_mtok_s']:.2f} Mtok/s)  speedup {r['speedup']:.1f}x"
         )
+    seconds = compression_seconds()
+    print(f"compression lookup for a 128k vocabulary: {seconds:.2f} s")
+    results = {"hashing": hashing, "compression_128k_vocab_s": seconds}
     print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def model_flops(config: ModelConfig, workload: Workload) -> float:
     attention scores and values (4 x context x hidden per token per layer). The LM head runs once
     per output token (not on prompt tokens)."""
     hd = config.attn_head_dim
-    attn_proj = config.hidden_size * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    attn_proj = (
+        config.hidden_size * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    )
     mlp = 3 * config.hidden_size * config.intermediate_size
     per_token = 2 * config.num_hidden_layers * (attn_proj + mlp)
     lm_head = 2 * config.hidden_size * config.vocab_size
@@ -82,7 +84,9 @@ def run_engine(engine, workload: Workload) -> float:
 
     start = time.perf_counter()
     for prompt, out_len in zip(workload.prompts, workload.output_lens):
-        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
+        engine.add_request(
+            prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+        )
     while engine.has_unfinished_requests():
         engine.step()
     return time.perf_counter() - start
@@ -103,8 +107,12 @@ def run_hf(model_dir: Path, workload: Workload, batch_size: int) -> float:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
             model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_out, min_new_tokens=max_out,
-                do_sample=False, pad_token_id=pad,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_out,
+                min_new_tokens=max_out,
+                do_sample=False,
+                pad_token_id=pad,
             )
     return time.perf_counter() - start
 
@@ -113,8 +121,9 @@ def single_stream_decode(engine, num_tokens: int = 64) -> float:
     """Decode tokens per second for one request (prefill excluded)."""
     from engram_serve.engine.request import SamplingParams
 
-    engine.add_request([1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=num_tokens + 1,
-                                                     ignore_eos=True))
+    engine.add_request(
+        [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=num_tokens + 1, ignore_eos=True)
+    )
     engine.step()  # prefill and first token
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -139,12 +148,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     model_dir = resolve_model_dir(args.model)
     engine_config = EngineConfig(
-        max_num_seqs=args.num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=2 * args.high + 8, kv_cache_bytes=4 << 30,
+        max_num_seqs=args.num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=2 * args.high + 8,
+        kv_cache_bytes=4 << 30,
     )
     offload = OffloadConfig(tier=args.engram_tier)
-    results: dict = {"num_seqs": args.num_seqs, "length_range": [args.low, args.high],
-                     "threads": torch.get_num_threads()}
+    results: dict = {
+        "num_seqs": args.num_seqs,
+        "length_range": [args.low, args.high],
+        "threads": torch.get_num_threads(),
+    }
     results["matmul_peak_gflops"] = matmul_peak_gflops()
     engines = {
         "engram": build_engine(model_dir, engine_config, offload, enable_engram=True),
@@ -153,8 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     config = engines["engram"].model_config
     workload = make_workload(args.num_seqs, args.low, args.high, config.vocab_size)
     flops = model_flops(config, workload)
-    results.update(prompt_tokens=workload.num_prompt_tokens, output_tokens=workload.num_output_tokens,
-                   model_gflop=flops / 1e9)
+    results.update(
+        prompt_tokens=workload.num_prompt_tokens,
+        output_tokens=workload.num_output_tokens,
+        model_gflop=flops / 1e9,
+    )
     for name, engine in engines.items():
         run_engine(engine, make_workload(2, 8, 16, config.vocab_size, seed=1))  # warm-up
         seconds = run_engine(engine, workload)
@@ -167,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
             "single_stream_decode_tok_s": single_stream_decode(engine),
         }
         _print_row(name, results[name])
-    results["engram_vs_no_engram"] = results["engram"]["output_tok_s"] / results["no_engram"]["output_tok_s"]
+    results["engram_vs_no_engram"] = (
+        results["engram"]["output_tok_s"] / results["no_engram"]["output_tok_s"]
+    )
     del engines
     if not args.skip_hf:
         seconds = run_hf(model_dir, workload, args.hf_batch)
@@ -180,8 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["engram_vs_transformers"] = (
             results["engram"]["output_tok_s"] / results["transformers"]["output_tok_s"]
         )
-    print(f"model FLOPs of the workload: {flops / 1e9:.1f} GFLOP; "
-          f"matmul peak {results['matmul_peak_gflops']:.1f} GFLOP/s")
+    print(
+        f"model FLOPs of the workload: {flops / 1e9:.1f} GFLOP; "
+        f"matmul peak {results['matmul_peak_gflops']:.1f} GFLOP/s"
+    )
     print(json.dumps(results, indent=2))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2))
@@ -189,9 +210,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_row(name: str, r: dict) -> None:
-    extra = f"  single-stream {r['single_stream_decode_tok_s']:.1f} tok/s" if "single_stream_decode_tok_s" in r else ""
-    print(f"{name:13s} {r['output_tok_s']:8.1f} output tok/s  MFU {r['mfu']:.2f}  "
-          f"({r['seconds']:.1f} s){extra}", flush=True)
+    extra = (
+        f"  single-stream {r['single_stream_decode_tok_s']:.1f} tok/s"
+        if "single_stream_decode_tok_s" in r
+        else ""
+    )
+    print(
+        f"{name:13s} {r['output_tok_s']:8.1f} output tok/s  MFU {r['mfu']:.2f}  "
+        f"({r['seconds']:.1f} s){extra}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,12 @@ class Engine:
         )
         self.blocks = BlockManager(self._num_kv_blocks(), config.kv_block_size)
         self.cache = allocate_cache(
-            model_config, self.blocks.num_blocks, config.kv_block_size, self.dtype,
-            self._engram_conv_shapes(), config.device,
+            model_config,
+            self.blocks.num_blocks,
+            config.kv_block_size,
+            self.dtype,
+            self._engram_conv_shapes(),
+            config.device,
         )
         self.scheduler = Scheduler(config, self.blocks)
         self.trackers: dict[str, OutputTracker] = {}

@@ -2,10 +2,10 @@
 
 For Engram layer L, lookback position k (0 = current token) and order n = 2..N:
 
-    m[L, k]        odd random multipliers from default_rng(seed + 10007 * L), each < int64_max // V'
-    mix_n[t]       = XOR_{k<n} (x[t-k] * m[L, k])     (x before a sequence's start: compressed pad id)
-    hash[t, n, j]  = mix_n[t] mod p[L, n, j]           (one distinct prime per head)
-    row[t, n, j]   = hash[t, n, j] + offset[L, n, j]   (offset: exclusive cumsum of the layer's primes)
+    m[L, k]        odd random multipliers, default_rng(seed + 10007 * L), each < int64_max // V'
+    mix_n[t]       = XOR_{k<n} (x[t-k] * m[L, k])   (x before a sequence's start: compressed pad)
+    hash[t, n, j]  = mix_n[t] mod p[L, n, j]         (one distinct prime per head)
+    row[t, n, j]   = hash[t, n, j] + offset[L, n, j] (offset: exclusive cumsum of layer primes)
 
 Because compressed ids are < V', every product stays below int64 overflow by construction.
 

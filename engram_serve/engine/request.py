@@ -63,7 +63,9 @@ class SamplingParams:
             yield f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"
         if self.max_tokens is not None and self.max_tokens < 1:
             yield f"max_tokens must be at least 1, got {self.max_tokens}"
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+        if self.min_tokens < 0 or (
+            self.max_tokens is not None and self.min_tokens > self.max_tokens
+        ):
             yield f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             yield f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"

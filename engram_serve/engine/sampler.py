@@ -28,7 +28,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
         logits = apply_penalties(logits, requests)
     logits = mask_stop_tokens_before_min(logits, requests)
     raw_logprobs = (
-        torch.log_softmax(logits, dim=-1) if any(r.sampling.logprobs is not None for r in requests)
+        torch.log_softmax(logits, dim=-1)
+        if any(r.sampling.logprobs is not None for r in requests)
         else None
     )
     token_ids = logits.argmax(dim=-1)

@@ -128,7 +128,9 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:  # x [T, D] -> [T, D]
         num_tokens, hd = x.shape[0], self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 KVH) hd]
-        q, k, v = qkv.split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], -1)
+        q, k, v = qkv.split(
+            [self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], -1
+        )
         q = q.reshape(num_tokens, self.num_heads, hd)  # [T, H, hd]
         k = k.reshape(num_tokens, self.num_kv_heads, hd)  # [T, KVH, hd]
         v = v.reshape(num_tokens, self.num_kv_heads, hd)  # [T, KVH, hd]
