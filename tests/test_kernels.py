@@ -402,3 +402,17 @@ def test_cpu_gather_refuses_what_the_reference_refuses():
         gather_rows_cpu(table, torch.tensor([1, 2]), out=torch.empty(2, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"table must be \[rows, width\]"):
         gather_rows_cpu(table.view(-1), torch.tensor([1]))
+
+
+def test_cpu_gather_threads_work_inside_inference_mode():
+    """The engine's step runs under inference mode and the gather's worker threads write into
+    buffers made there; every thread must enter inference mode too."""
+    from engram_serve.kernels.cpu_gather import gather_rows_cpu
+    from engram_serve.kernels.reference import gather_rows as reference_gather
+
+    table = torch.randn(5000, 64)
+    ids = torch.randint(0, 5000, (20000,))
+    with torch.inference_mode():
+        out = torch.empty(20000, 64)
+        got = gather_rows_cpu(table, ids, out=out, num_threads=2)
+    torch.testing.assert_close(got, reference_gather(table, ids), rtol=0, atol=0)

@@ -336,9 +336,12 @@ class Prefetcher:
     ) -> None:
         self.engram, self.fetchers, self.offload, self.device = engram, fetchers, offload, device
         self.io_pool = io_pool
+        # In-RAM rows on a CPU device take microseconds to gather: a worker thread would only
+        # add a hand-off and compete with the forward pass's threads for the cores.
+        in_ram = offload.tier == "device" and device.type == "cpu"
         self.pool = (
             ThreadPoolExecutor(len(fetchers), thread_name_prefix="engram-prefetch")
-            if offload.prefetch and fetchers
+            if offload.prefetch and fetchers and not in_ram
             else None
         )
         self.stream = (
