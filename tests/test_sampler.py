@@ -86,3 +86,12 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
 def test_invalid_sampling_params_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**bad)
+
+
+def test_extreme_penalties_and_banned_tokens_give_finite_logprobs():
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    r = _request([0, 1], [1], repetition_penalty=5e-324, min_tokens=5, logprobs=4, temperature=0.0)
+    out = sample(logits, [r])
+    values = [lp.logprob for lp in out.logprobs[0].values()]
+    assert all(math.isfinite(v) and v <= 0 for v in values), values
+    assert out.token_ids[0] != 0  # EOS (id 0) is banned below min_tokens

@@ -15,6 +15,11 @@ import torch
 from engram_serve.engine.request import Logprob, Request
 
 
+# Logprobs of impossible tokens are reported as this finite floor (JSON has no -inf), as vLLM does.
+MIN_LOGPROB = -9999.0
+_FLOAT_MAX = torch.finfo(torch.float32).max / 4  # headroom: softmax sums stay finite
+
+
 @dataclass
 class SampleOutput:
     token_ids: list[int]
@@ -25,10 +30,11 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
     """logits [S, V] float32, one row per request in `requests`."""
     logits = logits.float()
     if any(r.sampling.has_penalties for r in requests):
-        logits = apply_penalties(logits, requests)
+        # Extreme penalties can overflow a logit; keep every value a number.
+        logits = apply_penalties(logits, requests).nan_to_num(posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)
     logits = mask_stop_tokens_before_min(logits, requests)
     raw_logprobs = (
-        torch.log_softmax(logits, dim=-1)
+        torch.log_softmax(logits, dim=-1).nan_to_num(nan=MIN_LOGPROB).clamp(min=MIN_LOGPROB)
         if any(r.sampling.logprobs is not None for r in requests)
         else None
     )
