@@ -1,21 +1,25 @@
-"""Offload benchmark: the prefetcher fed a hashed, Zipf-like token stream, tiers side by side.
+"""Offload benchmark, engine level: the Engram paper's throughput protocol on one engine, its
+tables in each tier in turn.
 
-    python -m engram_serve.bench.offload [--table-gib 8] [--steps 60] [--out results/offload]
+    engram-serve bench offload [--num-seqs 32] [--low 64] [--high 256] [--table-gib 8] [--keep]
+    engram-serve bench offload --level prefetcher ...   # the prefetcher alone, a sleep as forward
+                                                        # pass (bench/offload_prefetcher.py)
 
-1. Writes a DeepSeek-V4.1-shaped table (2 Engram layers, orders 2-4, 8 heads, 256-byte FP8 rows +
-   UE8M0 scales) of >= 8 GiB with O_DIRECT writes of real bytes (a sparse file would read as
-   holes, without touching the disk), then drops it from the page cache.
-2. Builds an engine-like step stream: 64 decoding sequences (one token each per step) plus, every
-   few steps, a 512-token prefill chunk. Token ids come from a Zipf-like "text" model (phrases
-   drawn from a Zipfian phrase book, mixed with Zipfian single tokens) so n-grams repeat as in
-   text; they are hashed by NgramHasher exactly as the engine hashes a step.
-3. Drives each configuration through the same steps. Between prefetch() and each wait() the
-   forward pass is stood in for by a sleep (`--compute-ms` per step, split over the layers
-   before each Engram layer). Disk reads use O_DIRECT, so the page cache serves none of them.
-4. Reports rows/s, hit rate, rows and bytes per tier, stall; checks every 10th step's rows against
-   a direct read of the file, bit for bit. Writes JSON and a PNG.
-5. Compares cache policies (LRU, LFU, each with and without a profiled static hot set) by hit
-   rate over a longer stream: cache-only, no I/O.
+1. Model: the embedded default backbone (SmolLM2-135M-Instruct; its files symlinked) with a fresh
+   Engram at layers 1 and 14 whose FP8 tables total at least `--table-gib` on disk
+   (`init_tables` with a large `engram_vocab_size`; identity retrofit: outputs equal the
+   backbone's, and every row is still read). Deleted afterwards unless `--keep`; a directory
+   kept earlier with the same Engram is reused.
+2. Workload (bench/throughput.py): N sequences, prompt and output lengths uniform in
+   [low, high], random token ids, greedy, ignore_eos; output tokens per second.
+3. Tiers, one engine each, same workload, after a small warm-up: device (tables copied into RAM:
+   the baseline), disk with cache and prefetch (with and without the engine's look-ahead, which
+   reads the next step's prompt rows during this step), disk with cache and no prefetch, disk
+   with prefetch and no cache. Disk reads use O_DIRECT and the table files' pages are dropped
+   before every run, so the OS page cache serves none of them.
+4. Per tier: output tok/s and its ratio to device, cache hit rate, rows and bytes read per tier,
+   rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
+   storage (/proc/self/io), load average. JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -23,304 +27,258 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import mmap
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from engram_serve.config import EngramConfig, OffloadConfig
-from engram_serve.engine.ngram_hash import NgramHasher
-from engram_serve.kernels.reference import gather_rows
-from engram_serve.offload.cache import RowCache, RowProfile, profile_rows
-from engram_serve.offload.prefetch import build_prefetcher
-from engram_serve.offload.tiers import open_tables
+from engram_serve.bench.throughput import Workload, make_workload, run_engine
+from engram_serve.config import EngineConfig, EngramConfig, OffloadConfig
 
-COMPRESSED_VOCAB = 100_000
-WRITE_CHUNK = 64 << 20
-ROW_WIDTH = 256
-V41_LAYERS = (1, 14)
-
-
-def bench_config(table_gib: float, layers: tuple[int, ...] = V41_LAYERS) -> EngramConfig:
-    """V4.1's shape with the per-head table height chosen so all tables total `table_gib`."""
-    heads = 3 * 8
-    stored_row = ROW_WIDTH + ROW_WIDTH // 32
-    per_head = int(table_gib * 2**30 / (len(layers) * heads * stored_row)) + 1
-    return EngramConfig(
-        variant="v41",
-        layer_ids=layers,
-        max_ngram_size=4,
-        n_head_per_ngram=8,
-        engram_vocab_size=(per_head,) * 3,
-        head_dim=ROW_WIDTH,
-        table_dtype="fp8_e4m3",
-    )
+MODEL_DIR = Path("results/bench-offload-model")
+NOT_BACKBONE = {"engram.json", "engram_modules.safetensors", "engram_tables"}
+TIER_NAMES = ("device", "disk", "disk-no-lookahead", "disk-no-prefetch", "disk-no-cache")
+COUNTERS = ("steps", "lookups", "unique_rows", "cache_hits", "cache_misses", "warmed", "stall_s")
 
 
 # ---------------------------------------------------------------------------------------------
-# the table on disk
+# the model
 
 
-def write_table_file(path: Path, layout: Any, seed: int) -> None:
-    """Real random FP8 bytes and UE8M0 scales (2^-7..2^7), written with O_DIRECT in 64 MiB
-    chunks: fast, and nothing lands in the page cache."""
-    header, offsets, size = layout.header()
-    rng = np.random.default_rng(seed)
-    weight_bytes = np.frombuffer(rng.bytes(WRITE_CHUNK), np.uint8)
-    scale_bytes = rng.integers(120, 135, WRITE_CHUNK, dtype=np.uint8)
-    buf = mmap.mmap(-1, WRITE_CHUNK)  # page-aligned, as O_DIRECT needs
-    chunk = np.frombuffer(buf, np.uint8)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+def engram_config(table_gib: float) -> EngramConfig:
+    """The default model's Engram, each head's table tall enough that all tables together hold
+    at least `table_gib` GiB (each head's prime is at least its engram_vocab_size)."""
+    from engram_serve.model.default_model import DEFAULT_ENGRAM
+
+    c = DEFAULT_ENGRAM
+    stored_row = c.head_dim + c.head_dim // c.quant_block  # fp8 bytes + UE8M0 scales
+    heads = len(c.layer_ids) * c.num_heads
+    per_head = -(-int(table_gib * 2**30) // (heads * stored_row))
+    return replace(c, engram_vocab_size=(per_head,) * (c.max_ngram_size - 1))
+
+
+def is_built(model_dir: Path, config: EngramConfig) -> bool:
+    from engram_serve.model.tables import TableIntegrityError, read_engram_config, verify_tables
+
     try:
-        for index, start in enumerate(range(0, size, WRITE_CHUNK)):
-            end = min(start + WRITE_CHUNK, size)
-            chunk[:] = weight_bytes
-            chunk.view(np.uint64)[::512] ^= np.uint64(index)  # no two chunks alike
-            if end > offsets["scale"]:
-                cut = max(0, offsets["scale"] - start)
-                chunk[cut:] = scale_bytes[: WRITE_CHUNK - cut]
-            if start == 0:
-                chunk[: len(header)] = np.frombuffer(header, np.uint8)
-            length = -(-(end - start) // 4096) * 4096
-            if os.pwrite(fd, memoryview(buf)[:length], start) != length:
-                raise OSError(f"short write to {path}")
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        found = read_engram_config(model_dir)
+        return (
+            found is not None
+            and found.to_dict() == config.to_dict()
+            and bool(verify_tables(model_dir))
+        )
+    except (TableIntegrityError, OSError, ValueError):
+        return False
 
 
-def make_tables(model_dir: Path, config: EngramConfig, seed: int = 0) -> float:
-    """Write every layer's table file under `model_dir`; returns seconds taken."""
-    from engram_serve.model.tables import table_layouts, table_path
+def build_model_dir(model_dir: Path, config: EngramConfig) -> float:
+    """The default backbone's files symlinked into `model_dir`, plus fresh Engram memory
+    (`init_tables`, identity retrofit). Returns seconds taken."""
+    from engram_serve.engine.compression import load_compression, num_compressed
+    from engram_serve.engine.tokenizer import Tokenizer
+    from engram_serve.model.default_model import COMPLETE_MARKER, default_model_dir
+    from engram_serve.model.tables import init_tables
 
     start = time.perf_counter()
-    for layout in table_layouts(config):
-        path = table_path(model_dir, layout.layer_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        expected = layout.header()[2]
-        if path.exists() and path.stat().st_size == expected:
-            continue  # kept from an earlier run (--keep-table)
-        free = shutil.disk_usage(path.parent).free
-        if free < expected + (1 << 30):
-            raise OSError(
-                f"{path.parent}: {free / 2**30:.1f} GiB free, need {expected / 2**30:.1f}"
-            )
-        print(f"writing {path} ({expected / 2**30:.2f} GiB)", file=sys.stderr)
-        write_table_file(path, layout, seed + layout.layer_id)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for src in default_model_dir().iterdir():
+        dst = model_dir / src.name
+        if src.name not in NOT_BACKBONE | {COMPLETE_MARKER} and not dst.exists():
+            dst.symlink_to(src.resolve())
+    lookup = load_compression(Tokenizer(model_dir).hf_tokenizer)
+    print(f"writing {table_gib(config):.2f} GiB of Engram tables into {model_dir}", flush=True)
+    init_tables(model_dir, config, num_compressed(lookup), seed=0, identity=True)
     return time.perf_counter() - start
 
 
-def drop_page_cache(tables: dict[int, Any]) -> None:
-    for table in tables.values():
-        fd = os.open(table.path, os.O_RDONLY)
+def table_gib(config: EngramConfig) -> float:
+    from engram_serve.model.tables import table_layouts
+
+    return sum(layout.header()[2] for layout in table_layouts(config)) / 2**30
+
+
+def drop_page_cache(model_dir: Path, config: EngramConfig) -> None:
+    """Evict the table files from the OS page cache: no run reads another's pages."""
+    from engram_serve.model.tables import table_path
+
+    for layer_id in config.layer_ids:
+        fd = os.open(table_path(model_dir, layer_id), os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
 
-# ---------------------------------------------------------------------------------------------
-# the token stream
-
-
-class ZipfText:
-    """A Zipf-like token source: half phrases (2-6 tokens) from a Zipfian phrase book, half
-    single Zipfian tokens, so n-grams recur roughly as in text (common phrases, a long tail)."""
-
-    def __init__(self, seed: int, vocab: int = COMPRESSED_VOCAB, phrases: int = 200_000) -> None:
-        book_rng = np.random.default_rng(12345)  # the same "language" for every seed
-        self.vocab = vocab
-        lengths = book_rng.integers(2, 7, phrases)
-        self.book = np.split(self._tokens(book_rng, lengths.sum()), np.cumsum(lengths)[:-1])
-        self.rng = np.random.default_rng(seed)
-
-    def _tokens(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return np.minimum(rng.zipf(1.15, n) - 1, self.vocab - 1).astype(np.int64)
-
-    def take(self, n: int) -> np.ndarray:
-        out: list[np.ndarray] = []
-        size = 0
-        while size < n:
-            if self.rng.random() < 0.5:
-                rank = min(int(self.rng.zipf(1.1)) - 1, len(self.book) - 1)
-                piece = self.book[rank]
-            else:
-                piece = self._tokens(self.rng, 1)
-            out.append(piece)
-            size += len(piece)
-        return np.concatenate(out)[:n]
-
-
-def make_steps(
-    hasher: NgramHasher,
-    num_steps: int,
-    decode_seqs: int,
-    prefill_chunk: int,
-    prefill_every: int,
-    seed: int,
-) -> list[np.ndarray]:
-    """Row ids `[L, T, C]` per step: every decoding sequence's next token, plus a prefill
-    chunk of a new document every `prefill_every` steps; lookbacks carried per sequence."""
-    text = ZipfText(seed)
-    histories = [text.take(int(text.rng.integers(16, 256))) for _ in range(decode_seqs)]
-    steps = []
-    for step in range(num_steps):
-        chunks = [text.take(1) for _ in range(decode_seqs)]
-        lookbacks = [hasher.lookback(h) for h in histories]
-        if prefill_chunk and step % prefill_every == 0:
-            chunks.append(text.take(prefill_chunk))
-            lookbacks.append(hasher.lookback(np.empty(0, np.int64)))
-        qsl = np.concatenate([[0], np.cumsum([len(c) for c in chunks])])
-        steps.append(hasher.row_ids(np.concatenate(chunks), qsl, np.stack(lookbacks)))
-        histories = [np.concatenate([h[-8:], c]) for h, c in zip(histories, chunks, strict=False)]
-    return steps
+def storage_read_bytes() -> int | None:
+    """Bytes this process has read from storage (not the page cache), or None if unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            fields = dict(line.split(": ") for line in f.read().splitlines())
+        return int(fields["read_bytes"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
 # runs
 
 
-def check_rows(tables: dict[int, Any], layer_id: int, ids: np.ndarray, got: torch.Tensor) -> bool:
-    table = tables[layer_id]
-    want = gather_rows(table.weight_tensor(), torch.from_numpy(ids), table.scale_tensor())
-    return bool(torch.equal(got.view(torch.int32), want.view(torch.int32)))
-
-
-def run_config(
-    name: str,
-    config: EngramConfig,
-    tables: dict[int, Any],
-    offload: OffloadConfig,
-    steps: list[np.ndarray],
-    compute_s: float,
-    check_every: int = 10,
-) -> dict[str, Any]:
-    drop_page_cache(tables)
-    gc.collect()
-    start = time.perf_counter()
-    prefetcher = build_prefetcher(config, tables, offload)
-    build_s = time.perf_counter() - start
-    per_layer_compute = compute_s / len(config.layer_ids)
-    checked, identical, check_s = 0, True, 0.0
-    start = time.perf_counter()
-    try:
-        for index, rows in enumerate(steps):
-            handle = prefetcher.prefetch(rows)
-            for i, layer_id in enumerate(config.layer_ids):
-                time.sleep(per_layer_compute)  # the layers before this Engram layer
-                out = handle.wait(layer_id)
-                if index % check_every == 0:
-                    t = time.perf_counter()
-                    identical &= check_rows(tables, layer_id, rows[i], out)
-                    checked += 1
-                    check_s += time.perf_counter() - t
-        wall = time.perf_counter() - start - check_s
-        stats = prefetcher.stats
-    finally:
-        prefetcher.close()
-    lookups = stats["lookups"]
-    result = {
-        "name": name,
-        "offload": {k: v for k, v in vars(offload).items() if v not in (None, 0, False)},
-        "build_s": build_s,
-        "wall_s": wall,
-        "compute_s": compute_s * len(steps),
-        "rows_per_s": lookups / wall,
-        "unique_rows_per_s": stats["unique_rows"] / wall,
-        "stall_s": stats["stall_s"],
-        "stall_ms_per_step": 1e3 * stats["stall_s"] / len(steps),
-        "hit_rate": stats["hit_rate"],
-        "lookups": lookups,
-        "unique_rows": stats["unique_rows"],
-        "rows_read": stats["rows_read"],
-        "bytes_read": stats["bytes_read"],
-        "table_bytes": stats["table_bytes"],
-        "bit_identical": identical,
-        "steps_checked": checked,
-    }
-    print(
-        f"{name:28s} rows/s {result['rows_per_s']:>12,.0f}  hit {result['hit_rate']:6.1%}  "
-        f"stall {result['stall_ms_per_step']:8.2f} ms/step  wall {wall:6.2f} s  "
-        f"read {fmt_tiers(result['rows_read'])}  identical {identical}",
-        flush=True,
+def tier_configs(args: argparse.Namespace) -> dict[str, tuple[OffloadConfig, bool]]:
+    """name -> (offload config, look-ahead on)."""
+    disk = OffloadConfig(
+        tier="disk",
+        direct_io=True,
+        cache_rows=args.cache_rows,
+        num_io_threads=args.io_threads,
+        cache_policy=args.policy,
     )
-    return result
+    configs = {
+        "device": (OffloadConfig(tier="device"), True),
+        "disk": (disk, True),
+        "disk-no-lookahead": (disk, False),
+        "disk-no-prefetch": (replace(disk, prefetch=False), True),
+        "disk-no-cache": (replace(disk, cache_rows=0), True),
+    }
+    return {name: configs[name] for name in args.tiers}
 
 
-def fmt_tiers(d: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
-
-
-def text_profile(hasher: NgramHasher, tokens: int) -> RowProfile:
-    """Row profile of other text of the same distribution (a different seed): what
-    `engram-serve tables profile` would count over a training corpus."""
-    text = ZipfText(seed=999)
-    return profile_rows(hasher, [text.take(1024) for _ in range(max(1, tokens // 1024))])
-
-
-def policy_hit_rates(
-    config: EngramConfig, profile: RowProfile, steps: list[np.ndarray], capacities: list[int]
-) -> list[dict[str, Any]]:
-    """Hit rate of the first Engram layer's cache per policy and size, with and without a
-    static hot set (half the cache) from `profile`."""
-    layer_id = config.layer_ids[0]
-    out = []
-    for capacity in capacities:
-        for policy in ("lru", "lfu"):
-            for hot in (0.0, 0.5):
-                cache = RowCache(capacity, 1, 0, torch.uint8, "cpu", policy)
-                if hot:
-                    ids = profile.hot_rows(layer_id, int(cache.capacity * hot))
-                    cache.warm(ids, torch.zeros((len(ids), 1), dtype=torch.uint8), None, hot)
-                for rows in steps:
-                    unique = np.unique(rows[0])
-                    slots = cache.lookup(unique)
-                    cache.release(slots)
-                    miss = unique[slots < 0]
-                    cache.admit(miss, torch.zeros((len(miss), 1), dtype=torch.uint8), None)
-                c = cache.counts
-                rate = c["hits"] / max(1, c["hits"] + c["misses"])
-                out.append({"capacity": capacity, "policy": policy, "hot_fraction": hot,
-                            "hit_rate": rate})  # fmt: skip
-                print(f"cache {capacity:>9,} rows  {policy}  hot {hot:.0%}  hit rate {rate:6.1%}")
+def counters(stats: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {key: stats[key] for key in COUNTERS}
+    out["rows_read"], out["bytes_read"] = dict(stats["rows_read"]), dict(stats["bytes_read"])
     return out
 
 
-def plot(results: list[dict[str, Any]], policies: list[dict[str, Any]], path: Path) -> None:
+def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """Counters of the measured run alone (the warm-up's taken out)."""
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        if isinstance(value, dict):
+            out[key] = {k: v - before[key].get(k, 0) for k, v in value.items()}
+        else:
+            out[key] = value - before[key]
+    return out
+
+
+def run_tier(
+    name: str,
+    model_dir: Path,
+    config: EngramConfig,
+    engine_config: EngineConfig,
+    offload: OffloadConfig,
+    lookahead: bool,
+    workload: Workload,
+) -> dict[str, Any]:
+    from engram_serve.llm import build_engine
+
+    gc.collect()
+    drop_page_cache(model_dir, config)
+    start = time.perf_counter()
+    engine = build_engine(model_dir, engine_config, offload)
+    build_s = time.perf_counter() - start
+    prefetcher = engine.engram.prefetcher
+    prefetcher.warms = prefetcher.warms and lookahead  # the ablation: no look-ahead
+    try:
+        run_engine(engine, make_workload(2, 8, 16, engine.model_config.vocab_size, seed=1))
+        drop_page_cache(model_dir, config)
+        load, read_before = os.getloadavg(), storage_read_bytes()
+        before, cpu_before = counters(prefetcher.stats), os.times()
+        seconds = run_engine(engine, workload)
+        cpu = [a - b for a, b in zip(os.times(), cpu_before, strict=True)]
+        stats = delta(counters(prefetcher.stats), before)
+        read_after = storage_read_bytes()
+    finally:
+        prefetcher.close()
+    looked_up = stats["cache_hits"] + stats["cache_misses"]
+    result = {
+        "name": name,
+        "offload": {k: v for k, v in vars(offload).items() if v not in (None, 0, False)},
+        "lookahead": prefetcher.warms,
+        "build_s": build_s,
+        "seconds": seconds,
+        "output_tok_s": workload.num_output_tokens / seconds,
+        "hit_rate": stats["cache_hits"] / looked_up if looked_up else None,
+        **stats,
+        "stall_ms_per_step": 1e3 * stats["stall_s"] / max(1, stats["steps"]),
+        "storage_read_bytes": None if read_before is None else read_after - read_before,
+        "cpu_user_s": cpu[0],  # all of the process's threads: forward, fetch and I/O
+        "cpu_system_s": cpu[1],
+        "load_avg_before": load[0],
+        "load_avg_after": os.getloadavg()[0],
+    }
+    return result
+
+
+def print_row(r: dict[str, Any], device_tok_s: float | None) -> None:
+    ratio = f"{r['output_tok_s'] / device_tok_s:6.3f}" if device_tok_s else "     -"
+    hit = "    -" if r["hit_rate"] is None else f"{r['hit_rate']:5.1%}"
+    storage = r["storage_read_bytes"]
+    print(
+        f"{r['name']:18s} {r['output_tok_s']:8.1f} tok/s  x{ratio}  hit {hit}  "
+        f"stall {r['stall_s']:6.2f} s  read {fmt_tiers(r['rows_read'])}  "
+        f"ahead {r['warmed']:,}  storage {'-' if storage is None else storage / 2**20:,.0f} MiB  "
+        f"cpu {(r['cpu_user_s'] + r['cpu_system_s']) / r['seconds']:.2f} cores "
+        f"(sys {r['cpu_system_s']:.1f} s)  "
+        f"load {r['load_avg_before']:.1f}-{r['load_avg_after']:.1f}",
+        flush=True,
+    )
+
+
+def fmt_tiers(d: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items())) or "-"
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per tier: the median run by output tok/s, and its ratio to the device tier's median."""
+    by_tier: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_tier.setdefault(r["name"], []).append(r)
+    summary = {}
+    for name, runs in by_tier.items():
+        runs = sorted(runs, key=lambda r: r["output_tok_s"])
+        summary[name] = {
+            **runs[(len(runs) - 1) // 2],
+            "runs_tok_s": [r["output_tok_s"] for r in runs],
+        }
+    device = summary.get("device", {}).get("output_tok_s")
+    for s in summary.values():
+        s["vs_device"] = s["output_tok_s"] / device if device else None
+    return summary
+
+
+def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in results]
+    names = list(summary)
+    runs = list(summary.values())
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     panels = (
-        ("row lookups / s", [r["rows_per_s"] for r in results]),
-        ("stall ms / step", [r["stall_ms_per_step"] for r in results]),
-        ("cache hit rate", [r["hit_rate"] for r in results]),
+        ("output tok/s (ratio to device)", [r["output_tok_s"] for r in runs]),
+        ("stall s (forward waiting for rows)", [r["stall_s"] for r in runs]),
+        ("cache hit rate", [r["hit_rate"] or 0.0 for r in runs]),
     )
     for ax, (title, values) in zip(axes, panels, strict=False):
         ax.bar(range(len(names)), values, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
-    ax = axes[3]
-    for policy in ("lru", "lfu"):
-        for hot in (0.0, 0.5):
-            pts = [p for p in policies if p["policy"] == policy and p["hot_fraction"] == hot]
-            ax.plot([p["capacity"] for p in pts], [p["hit_rate"] for p in pts], marker="o",
-                    label=f"{policy}{' + hot set' if hot else ''}")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("cache rows (layer 1)")
-    ax.set_title("hit rate by policy")
+    for i, r in enumerate(runs):
+        if r["vs_device"] is not None:
+            axes[0].annotate(f"{r['vs_device']:.3f}", (i, r["output_tok_s"]), ha="center",
+                             va="bottom", fontsize=8)  # fmt: skip
+    ax, bottom = axes[3], [0] * len(runs)
+    for tier in ("device", "cache", "disk"):
+        values = [r["rows_read"].get(tier, 0) for r in runs]
+        ax.bar(range(len(names)), values, bottom=bottom, label=tier)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_title("rows read, by tier (read-ahead included)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -330,88 +288,100 @@ def plot(results: list[dict[str, Any]], policies: list[dict[str, Any]], path: Pa
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="engram-serve bench offload", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--table-gib", type=float, default=8.0, help="all tables together (>= 8)")
-    p.add_argument("--dir", type=Path, default=None, help="where to write tables (default: tmp)")
-    p.add_argument("--keep-table", action="store_true", help="keep (and reuse) the table files")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--decode-seqs", type=int, default=64)
-    p.add_argument("--prefill-chunk", type=int, default=512)
-    p.add_argument("--prefill-every", type=int, default=4)
-    p.add_argument("--compute-ms", type=float, default=20.0, help="stand-in forward per step")
+    p.add_argument("--level", choices=["engine", "prefetcher"], default="engine")
+    p.add_argument("--num-seqs", type=int, default=32)
+    p.add_argument("--low", type=int, default=64, help="shortest prompt/output")
+    p.add_argument("--high", type=int, default=256, help="longest prompt/output")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--table-gib", type=float, default=8.0, help="all tables together, on disk")
+    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    p.add_argument("--keep", action="store_true", help="keep the model directory")
     p.add_argument("--cache-rows", type=int, default=1 << 21, help="all layers together")
-    p.add_argument("--io-threads", type=int, default=32)
     p.add_argument("--policy", choices=["lru", "lfu"], default="lfu")
-    p.add_argument("--policy-steps", type=int, default=400)
-    p.add_argument("--profile-tokens", type=int, default=1 << 18, help="hot-set profile text")
-    p.add_argument("--skip-device", action="store_true", help="no in-RAM baseline (saves RAM)")
-    p.add_argument("--out", type=Path, default=Path("results/offload"))
+    p.add_argument("--io-threads", type=int, default=32)
+    p.add_argument("--tiers", nargs="+", choices=TIER_NAMES, default=list(TIER_NAMES))
+    p.add_argument("--repeats", type=int, default=1, help="runs of every tier, interleaved")
+    p.add_argument("--seed", type=int, default=0, help="the workload's")
+    p.add_argument("--out", type=Path, default=Path("results/offload_engine"))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    level = argparse.ArgumentParser(add_help=False)
+    level.add_argument("--level", default="engine")
+    known, rest = level.parse_known_args(argv)
+    if known.level == "prefetcher":
+        from engram_serve.bench import offload_prefetcher
+
+        return offload_prefetcher.main(rest)
     args = parse_args(argv)
-    config = bench_config(args.table_gib)
-    hasher = NgramHasher(config, np.arange(COMPRESSED_VOCAB, dtype=np.int64))
-    base = args.dir or Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    model_dir = (
-        base / "bench-offload-tables"
-        if args.keep_table
-        else Path(tempfile.mkdtemp(prefix="bench-offload-", dir=base))
-    )
+    config = engram_config(args.table_gib)
+    model_dir = args.model_dir
+    build_s = 0.0
+    if not is_built(model_dir, config):
+        if model_dir.exists() and any(model_dir.iterdir()):
+            raise SystemExit(f"{model_dir} holds something else; pass an empty --model-dir")
+        build_s = build_model_dir(model_dir, config)
     try:
-        write_s = make_tables(model_dir, config)
-        tables = open_tables(model_dir, config.layer_ids)
-        table_bytes = sum(t.path.stat().st_size for t in tables.values())
-        print(f"tables: {table_bytes / 2**30:.2f} GiB in {model_dir} (written in {write_s:.1f} s)")
-        steps = make_steps(hasher, args.steps, args.decode_seqs, args.prefill_chunk,
-                           args.prefill_every, seed=1)  # fmt: skip
-        tokens = sum(s.shape[1] for s in steps)
-        print(f"{len(steps)} steps, {tokens} tokens, {tokens * config.num_heads * 2:,} lookups")
-        compute_s = args.compute_ms / 1e3
-        profile = text_profile(hasher, args.profile_tokens)
-        profile_path = model_dir / "hot_rows.npz"
-        profile.save(profile_path)
-        disk = OffloadConfig(tier="disk", direct_io=True, num_io_threads=args.io_threads,
-                             cache_rows=args.cache_rows, cache_policy=args.policy,
-                             hot_profile=str(profile_path))  # fmt: skip
-        configs = {
-            "disk + cache + prefetch": disk,
-            "disk + cache, no prefetch": replace(disk, prefetch=False),
-            "disk + cache w/o hot set": replace(disk, hot_profile=None),
-            "disk, no cache + prefetch": replace(disk, cache_rows=0, hot_profile=None),
-        }
-        if not args.skip_device:
-            configs = {"device (RAM)": OffloadConfig(tier="device"), **configs}
-        results = [
-            run_config(name, config, tables, off, steps, compute_s) for name, off in configs.items()
-        ]
-        policy_steps = make_steps(hasher, args.policy_steps, args.decode_seqs,
-                                  args.prefill_chunk, args.prefill_every, seed=2)  # fmt: skip
-        capacities = [1 << 14, 1 << 16, 1 << 18, 1 << 20]
-        policies = policy_hit_rates(config, profile, policy_steps, capacities)
+        report = run_all(args, model_dir, config)
     finally:
-        if not args.keep_table:
+        if not args.keep:
             shutil.rmtree(model_dir, ignore_errors=True)
-    report = {
-        "table_bytes": table_bytes,
-        "config": config.to_dict(),
-        "steps": len(steps),
-        "tokens": tokens,
-        "compute_ms_per_step": args.compute_ms,
-        "results": results,
-        "policies": policies,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
+    report["model_build_s"] = build_s
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(results, policies, args.out.with_suffix(".png"))
+    plot(report["summary"], args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     return report
+
+
+def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> dict[str, Any]:
+    from engram_serve.model.tables import table_path
+
+    table_bytes = sum(table_path(model_dir, lid).stat().st_size for lid in config.layer_ids)
+    engine_config = EngineConfig(
+        max_num_seqs=args.num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=2 * args.high + 8,
+    )
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    workload = make_workload(args.num_seqs, args.low, args.high, vocab, seed=args.seed)
+    print(
+        f"tables {table_bytes / 2**30:.2f} GiB in {model_dir}; {args.num_seqs} sequences, "
+        f"{workload.num_prompt_tokens} prompt + {workload.num_output_tokens} output tokens; "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    tiers = tier_configs(args)
+    results = []
+    for _ in range(args.repeats):
+        for name, (offload, lookahead) in tiers.items():
+            r = run_tier(name, model_dir, config, engine_config, offload, lookahead, workload)
+            results.append(r)
+            device = next((x["output_tok_s"] for x in results if x["name"] == "device"), None)
+            print_row(r, device)
+    summary = summarize(results)
+    print("\nmedian of each tier:")
+    device = summary.get("device", {}).get("output_tok_s")
+    for r in summary.values():
+        print_row(r, device)
+    return {
+        "table_bytes": table_bytes,
+        "engram": config.to_dict(),
+        "engine": vars(engine_config),
+        "num_seqs": args.num_seqs,
+        "length_range": [args.low, args.high],
+        "prompt_tokens": workload.num_prompt_tokens,
+        "output_tokens": workload.num_output_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "summary": summary,
+        "results": results,
+    }
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ class Engine:
         if batch.is_empty:
             return []
         inputs = self._prepare_inputs(batch)
-        inputs.engram_rows = self._prefetch_rows(batch, inputs)  # hash -> prefetch
+        inputs.engram_rows = self._prefetch_rows(batch)  # hash -> prefetch
+        self._lookahead(batch)  # the next step's prompt rows, read while this step computes
         logits = self.model(inputs)  # [S', V] for requests that sample this step
         sampling = [r for r, n in zip(batch.requests, batch.num_new_tokens) if _samples(r, n)]
         sampled = sample(logits, sampling)
@@ -199,23 +200,52 @@ class Engine:
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         )
 
-    def _prefetch_rows(self, batch: ScheduledBatch, inputs: ForwardBatch) -> RowHandle | None:
+    def _prefetch_rows(self, batch: ScheduledBatch) -> RowHandle | None:
         """Hash the step's tokens with each request's lookback, then start fetching every
         Engram layer's rows."""
         if self.engram is None:
             return None
+        chunks = [
+            (r, r.num_computed_tokens, n) for r, n in zip(batch.requests, batch.num_new_tokens)
+        ]
+        return self.engram.prefetcher.prefetch(self._row_ids(chunks))
+
+    def _lookahead(self, batch: ScheduledBatch) -> None:
+        """Start reading into the row cache the rows of the known tokens (prompt, or recompute
+        after a preemption) the next step will most likely compute, while this step runs. The
+        guess replays the scheduler: running requests past this step's tokens, then waiting
+        ones while sequence slots last, under the token budget; a decode token (unknown until
+        sampled) takes one token of it. Decode rows rely on the cache alone."""
+        if self.engram is None or not self.engram.prefetcher.warms:
+            return
+        scheduled = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
+        free_seqs = max(0, self.config.max_num_seqs - len(self.scheduler.running))
+        waiting = itertools.islice(self.scheduler.waiting, free_seqs)
+        budget, chunks = self.config.max_num_batched_tokens, []
+        for request in itertools.chain(self.scheduler.running, waiting):
+            start = request.num_computed_tokens + scheduled.get(request.request_id, 0)
+            num_known = min(request.num_tokens - start, budget)
+            if num_known > 0:
+                chunks.append((request, start, num_known))
+            budget -= max(num_known, 1)
+            if budget <= 0:
+                break
+        if chunks:
+            self.engram.prefetcher.warm(self._row_ids(chunks))
+
+    def _row_ids(self, chunks: list[tuple[Request, int, int]]) -> np.ndarray:
+        """Row ids `[L, T, C]` of chunks `(request, start, num_tokens)` of known tokens, each
+        hashed with the N-1 tokens before it (its lookback)."""
         hasher = self.engram.hasher
-        lookbacks = []
-        for request in batch.requests:
-            start = request.num_computed_tokens
-            history = request.all_token_ids[max(0, start - hasher.lookback_len) : start]
+        token_ids, query_start_loc, lookbacks = [], [0], []
+        for request, start, num_tokens in chunks:
+            tokens = request.all_token_ids
+            token_ids.extend(tokens[start : start + num_tokens])
+            query_start_loc.append(query_start_loc[-1] + num_tokens)
+            history = tokens[max(0, start - hasher.lookback_len) : start]
             lookbacks.append(hasher.lookback(hasher.compress(history)))
-        row_ids = hasher.row_ids(
-            hasher.compress(inputs.token_ids.numpy()),
-            inputs.attn.query_start_loc.numpy(),
-            np.stack(lookbacks),
-        )
-        return self.engram.prefetcher.prefetch(row_ids)
+        compressed = hasher.compress(np.array(token_ids, dtype=np.int64))
+        return hasher.row_ids(compressed, np.array(query_start_loc), np.stack(lookbacks))
 
     def _postprocess(
         self, batch: ScheduledBatch, sampling: list[Request], sampled: SampleOutput

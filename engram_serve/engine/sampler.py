@@ -14,7 +14,6 @@ import torch
 
 from engram_serve.engine.request import Logprob, Request
 
-
 # Logprobs of impossible tokens are reported as this finite floor (JSON has no -inf), as vLLM does.
 MIN_LOGPROB = -9999.0
 _FLOAT_MAX = torch.finfo(torch.float32).max / 4  # headroom: softmax sums stay finite

@@ -14,15 +14,21 @@ wait() (prefetch off):
     4. decoded to float32 once per unique row, expanded back to [T, C, W]; pins released.
 On CUDA steps 2-4 are enqueued on one side stream and an event is recorded per layer; wait()
 makes the current stream wait on it. Time blocked in wait() is the stall.
+
+Warm-up (prefetch and a cache both on): `prefetcher.warm(row_ids)` reads rows a later step will
+likely want (the engine's next prompt chunks) into each layer's cache and returns at once. Each
+layer's jobs run in submission order, so a warm-up starts after this step's fetch of that layer
+(it never delays it) and ends before the next step's fetch starts (no row is read twice).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +55,13 @@ from engram_serve.offload.tiers import (
 
 STAGING_DEPTH = 2  # steps of one layer that may hold staging at once (this step and the next)
 STAGING_MIN_ROWS = 4096
+# ATen forks an OpenMP team for an op over this many elements (at::internal::GRAIN_SIZE). On CPU
+# a fetch worker keeps its row copies below it (or in NumPy): a second team contending with the
+# forward pass's for the cores stalls both (measured on 2 cores: 1.5 cores busy instead of 2,
+# output tokens/s down by a fifth).
+_TORCH_GRAIN = 32768
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +128,8 @@ class StagingPool:
 # one layer
 
 
-_COUNTERS = ("lookups", "unique_rows", "cache_hits", "cache_misses", "fetches")
+# warmed: rows read ahead into the cache by warm() (also counted in rows_read)
+_COUNTERS = ("lookups", "unique_rows", "cache_hits", "cache_misses", "fetches", "warmed")
 
 
 class LayerFetcher:
@@ -188,16 +202,52 @@ class LayerFetcher:
             else:
                 miss_w, miss_s = self._read_staged(miss_ids, staging)
             if self.cache is not None and len(miss_ids):
-                self.cache.admit(miss_ids, miss_w, miss_s)
+                self._admit(miss_ids, miss_w, miss_s)
             w, s = self._assemble(slots, miss, miss_w, miss_s)  # [m, W] stored rows
             return self._gather_decode(w, s, inverse)  # [n, W]: a fresh tensor, not staging
         finally:
-            if staging is not None:
-                ready = None
-                if self.device.type == "cuda":  # refill only after the copies out of it
-                    ready = torch.cuda.Event()
-                    ready.record()
-                self.staging.release(staging, ready)
+            self._release_staging(staging)
+
+    def warm(self, ids: np.ndarray) -> None:
+        """Read the rows of `ids` that the cache lacks into it, for a later step. Pins nothing
+        beyond its own lookup; the rows may be evicted (or refused by LFU) like any miss."""
+        unique = np.unique(ids)
+        slots = self.cache.lookup(unique)
+        self.cache.release(slots)
+        miss_ids = unique[slots < 0]
+        if not len(miss_ids):
+            return
+        staging = None if self.store.reads_on_device else self.staging.acquire(len(miss_ids))
+        try:
+            if staging is None:
+                miss_w, miss_s = self.store.gather(self._to_device(miss_ids))
+            else:
+                miss_w, miss_s = self._read_staged(miss_ids, staging)
+            self._admit(miss_ids, miss_w, miss_s)
+        finally:
+            self._release_staging(staging)
+        with self._lock:
+            self.counts["warmed"] += len(miss_ids)
+            tier = self.store.tier
+            self.rows_read[tier] = self.rows_read.get(tier, 0) + len(miss_ids)
+
+    def _admit(self, ids: np.ndarray, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Offer fetched rows to the cache; on CPU in pieces below ATen's parallel grain."""
+        step = len(ids)
+        if self.device.type == "cpu":
+            step = max(1, (_TORCH_GRAIN - 1) // weight.shape[1])
+        for i in range(0, len(ids), step):
+            part = slice(i, i + step)
+            self.cache.admit(ids[part], weight[part], None if scale is None else scale[part])
+
+    def _release_staging(self, staging: Staging | None) -> None:
+        if staging is None:
+            return
+        ready = None
+        if self.device.type == "cuda":  # refill only after the copies out of it
+            ready = torch.cuda.Event()
+            ready.record()
+        self.staging.release(staging, ready)
 
     def _gather_decode(
         self, weight: torch.Tensor, scale: torch.Tensor | None, index: np.ndarray
@@ -234,17 +284,28 @@ class LayerFetcher:
         if len(miss) == len(slots):
             return miss_w, miss_s
         hit = np.flatnonzero(slots >= 0)
-        hit_pos, hit_slots = self._to_device(hit), self._to_device(slots[hit])
-        miss_pos = self._to_device(miss)
-        w = torch.empty((len(slots), self.width), dtype=miss_w.dtype, device=self.device)
-        w[hit_pos] = self.cache.weight[hit_slots]
-        w[miss_pos] = miss_w
-        s = None
-        if miss_s is not None:
-            s = torch.empty((len(slots), miss_s.shape[1]), dtype=torch.uint8, device=self.device)
-            s[hit_pos] = self.cache.scale[hit_slots]
-            s[miss_pos] = miss_s
+        w = self._merge(self.cache.weight, slots[hit], hit, miss_w, miss)
+        s = None if miss_s is None else self._merge(self.cache.scale, slots[hit], hit, miss_s, miss)
         return w, s
+
+    def _merge(
+        self,
+        cached: torch.Tensor,
+        cache_slots: np.ndarray,
+        hit: np.ndarray,
+        fetched: torch.Tensor,
+        miss: np.ndarray,
+    ) -> torch.Tensor:
+        """`[len(hit) + len(miss), W]`: cached[cache_slots] at rows `hit`, fetched at `miss`."""
+        out = torch.empty((len(hit) + len(miss), cached.shape[1]), dtype=cached.dtype,
+                          device=self.device)  # fmt: skip
+        if self.device.type == "cpu":  # NumPy copies: single-threaded, see _TORCH_GRAIN
+            _as_np(out)[hit] = _as_np(cached)[cache_slots]
+            _as_np(out)[miss] = _as_np(fetched)
+        else:
+            out[self._to_device(hit)] = cached[self._to_device(cache_slots)]
+            out[self._to_device(miss)] = fetched
+        return out
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
@@ -296,7 +357,7 @@ class StepRows:
         self._done: dict[int, torch.Tensor] = {}
         if prefetcher.pool is not None:
             for layer_id, ids in row_ids.items():
-                self._futures[layer_id] = prefetcher.pool.submit(prefetcher.run, layer_id, ids)
+                self._futures[layer_id] = prefetcher.submit(layer_id, prefetcher.run, layer_id, ids)
 
     def wait(self, layer_id: int) -> torch.Tensor:
         if layer_id in self._done:
@@ -339,11 +400,15 @@ class Prefetcher:
         # In-RAM rows on a CPU device take microseconds to gather: a worker thread would only
         # add a hand-off and compete with the forward pass's threads for the cores.
         in_ram = offload.tier == "device" and device.type == "cpu"
-        self.pool = (
-            ThreadPoolExecutor(len(fetchers), thread_name_prefix="engram-prefetch")
+        self.pool = (  # two threads a layer: a step's fetch and the next step's warm-up
+            ThreadPoolExecutor(2 * len(fetchers), thread_name_prefix="engram-prefetch")
             if offload.prefetch and fetchers and not in_ram
             else None
         )
+        # warm() does something: prefetch on and a cache to warm. The engine skips its
+        # look-ahead (hashing included) otherwise.
+        self.warms = self.pool is not None and any(f.cache is not None for f in fetchers.values())
+        self._last_job: dict[int, Future] = {}  # each layer's latest job (see submit)
         self.stream = (
             torch.cuda.Stream(device) if device.type == "cuda" and offload.prefetch else None
         )
@@ -354,6 +419,41 @@ class Prefetcher:
 
     def prefetch(self, row_ids: np.ndarray) -> StepRows:
         """Start fetching `row_ids [L, T, C]` (layer order = engram.layer_ids); returns at once."""
+        per_layer = self._per_layer(row_ids)
+        with self._lock:
+            self.steps += 1
+        return StepRows(self, per_layer)
+
+    def warm(self, row_ids: np.ndarray) -> None:
+        """Start reading rows `[L, T, C]` a later step will likely want into each layer's cache;
+        returns at once. A no-op unless `warms`. See the module docstring for the ordering."""
+        if not self.warms:
+            return
+        for layer_id, ids in self._per_layer(row_ids).items():
+            if self.fetchers[layer_id].cache is not None:
+                self.submit(layer_id, self._warm_layer, layer_id, ids)
+
+    def submit(self, layer_id: int, fn: Callable[..., Any], *args: Any) -> Future:
+        """fn(*args) on the pool once the layer's previous job has finished. The pool runs jobs
+        in submission order and a job waits only on an earlier one, so this never deadlocks."""
+        with self._lock:
+            previous = self._last_job.get(layer_id)
+            future = self.pool.submit(_after, previous, fn, *args)
+            self._last_job[layer_id] = future
+        return future
+
+    def _warm_layer(self, layer_id: int, ids: np.ndarray) -> None:
+        try:
+            if self.stream is None:
+                self.fetchers[layer_id].warm(ids)
+            else:
+                with torch.cuda.stream(self.stream):
+                    self.fetchers[layer_id].warm(ids)
+        except Exception:  # only a loss of speed: the step's own fetch reads these rows
+            log.exception("warming Engram layer %d's cache failed", layer_id)
+
+    def _per_layer(self, row_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """Checked `row_ids [L, T, C]`, split by layer id."""
         row_ids = np.asarray(row_ids)
         num_layers, num_cols = len(self.engram.layer_ids), self.engram.num_heads
         if row_ids.ndim != 3 or row_ids.shape[0] != num_layers or row_ids.shape[2] != num_cols:
@@ -372,9 +472,7 @@ class Prefetcher:
                     f"outside its table of {rows} rows"
                 )
             per_layer[layer_id] = np.array(ids, dtype=np.int64, order="C")  # ours to keep
-        with self._lock:
-            self.steps += 1
-        return StepRows(self, per_layer)
+        return per_layer
 
     def run(self, layer_id: int, ids: np.ndarray) -> tuple[torch.Tensor, Any]:
         """One layer's fetch; on CUDA with prefetch on, enqueued on the side stream."""
@@ -444,6 +542,17 @@ class Prefetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_np(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as an array (bfloat16, which NumPy lacks, as its 16-bit words)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _after(previous: Future | None, fn: Callable[..., Any], *args: Any) -> Any:
+    if previous is not None:
+        wait([previous])  # its outcome is its own caller's business
+    return fn(*args)
 
 
 # ---------------------------------------------------------------------------------------------
