@@ -4,7 +4,7 @@ is ever written back here (run-time facts live in the objects that discover them
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,4 +188,3 @@ class ServerConfig:
     max_request_bytes: int = 4 << 20
     workers: int = 1  # server processes, each with its own engine
     stats_interval_s: float = 10.0  # between stats log lines; 0: none
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -6,7 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 
@@ -149,7 +148,6 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV entries are in the cache
     block_ids: list[int] = field(default_factory=list)
     state_slot: int | None = None  # row in per-sequence state (Engram short-conv history)
-    compressed_ids: np.ndarray | None = None  # Engram-compressed ids of all tokens so far
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
