@@ -153,6 +153,7 @@ BENCHMARKS = {
     "hashing": "engram_serve.bench.hashing",
     "kernels": "engram_serve.bench.kernels",
     "serve": "engram_serve.bench.serve",
+    "soak": "engram_serve.bench.soak",
 }
 
 

@@ -19,7 +19,10 @@ tables in each tier in turn.
    before every run, so the OS page cache serves none of them.
 4. Per tier: output tok/s and its ratio to device, cache hit rate, rows and bytes read per tier,
    rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
-   storage (/proc/self/io), load average. JSON and a PNG.
+   storage (/proc/self/io), CPU time, and how contended the machine was (load average, CPU
+   pressure: the share of the run in which some task waited for a core). JSON and a PNG.
+   The machine may be shared: compare tiers only from runs with little pressure, or use
+   --repeats (tiers interleaved; the median run of each is summarized).
 """
 
 from __future__ import annotations
@@ -124,6 +127,16 @@ def storage_read_bytes() -> int | None:
         return None
 
 
+def cpu_waiting_s() -> float | None:
+    """Seconds, since boot, in which some runnable task waited for a CPU (Linux PSI): its rise
+    during a run shows other load on a shared machine (and this process's own extra threads)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().rsplit("total=", 1)[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # runs
 
@@ -185,12 +198,12 @@ def run_tier(
     try:
         run_engine(engine, make_workload(2, 8, 16, engine.model_config.vocab_size, seed=1))
         drop_page_cache(model_dir, config)
-        load, read_before = os.getloadavg(), storage_read_bytes()
+        load, read_before, waiting = os.getloadavg(), storage_read_bytes(), cpu_waiting_s()
         before, cpu_before = counters(prefetcher.stats), os.times()
         seconds = run_engine(engine, workload)
         cpu = [a - b for a, b in zip(os.times(), cpu_before, strict=True)]
         stats = delta(counters(prefetcher.stats), before)
-        read_after = storage_read_bytes()
+        read_after, waiting_after = storage_read_bytes(), cpu_waiting_s()
     finally:
         prefetcher.close()
     looked_up = stats["cache_hits"] + stats["cache_misses"]
@@ -207,6 +220,7 @@ def run_tier(
         "storage_read_bytes": None if read_before is None else read_after - read_before,
         "cpu_user_s": cpu[0],  # all of the process's threads: forward, fetch and I/O
         "cpu_system_s": cpu[1],
+        "cpu_pressure": None if waiting is None else (waiting_after - waiting) / seconds,
         "load_avg_before": load[0],
         "load_avg_after": os.getloadavg()[0],
     }
@@ -222,7 +236,7 @@ def print_row(r: dict[str, Any], device_tok_s: float | None) -> None:
         f"stall {r['stall_s']:6.2f} s  read {fmt_tiers(r['rows_read'])}  "
         f"ahead {r['warmed']:,}  storage {'-' if storage is None else storage / 2**20:,.0f} MiB  "
         f"cpu {(r['cpu_user_s'] + r['cpu_system_s']) / r['seconds']:.2f} cores "
-        f"(sys {r['cpu_system_s']:.1f} s)  "
+        f"(sys {r['cpu_system_s']:.1f} s)  cpu pressure {r['cpu_pressure'] or 0:.0%}  "
         f"load {r['load_avg_before']:.1f}-{r['load_avg_after']:.1f}",
         flush=True,
     )

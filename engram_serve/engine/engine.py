@@ -10,6 +10,7 @@ layer.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ from engram_serve.engine.sampler import SampleOutput, sample
 from engram_serve.engine.scheduler import QueueFullError, ScheduledBatch, Scheduler
 from engram_serve.engine.tokenizer import Tokenizer
 from engram_serve.model.batch import AttentionMetadata, ForwardBatch, RowHandle
+from engram_serve.offload.tiers import TableReadError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngramRuntime", "QueueFullError", "RequestTooLongError"]
 
@@ -47,6 +51,7 @@ class StepStats:
     num_prompt_tokens: int = 0  # cumulative, prefill tokens computed (recomputes included)
     num_generation_tokens: int = 0
     num_steps: int = 0
+    num_failed_steps: int = 0  # steps whose Engram rows could not be read
 
 
 class Engine:
@@ -90,7 +95,10 @@ class Engine:
         inputs = self._prepare_inputs(batch)
         inputs.engram_rows = self._prefetch_rows(batch)  # hash -> prefetch
         self._lookahead(batch)  # the next step's prompt rows, read while this step computes
-        logits = self.model(inputs)  # [S', V] for requests that sample this step
+        try:
+            logits = self.model(inputs)  # [S', V] for requests that sample this step
+        except TableReadError as error:  # a storage fault fails this step, not the engine
+            return self._fail_step(batch, error)
         sampling = [r for r, n in zip(batch.requests, batch.num_new_tokens) if _samples(r, n)]
         sampled = sample(logits, sampling)
         return self._postprocess(batch, sampling, sampled)
@@ -269,6 +277,18 @@ class Engine:
             outputs.append(tracker.output())
             if request.is_finished:
                 del self.trackers[request.request_id]
+        return outputs
+
+    def _fail_step(self, batch: ScheduledBatch, error: TableReadError) -> list[RequestOutput]:
+        """Finish the step's requests with reason "error" and free their blocks. Their state of
+        this step may be half written, so they cannot go on; requests not in the step can."""
+        logger.error("Engram rows unreadable, %d requests fail: %s", len(batch.requests), error)
+        self.stats.num_failed_steps += 1
+        outputs = []
+        for request in batch.requests:
+            self.scheduler.running.remove(request)
+            self.scheduler.finish(request, "error")
+            outputs.append(self.trackers.pop(request.request_id).output())
         return outputs
 
     # -- sizing -----------------------------------------------------------------------------

@@ -20,13 +20,14 @@ fill host staging arrays in worker threads.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -52,6 +53,11 @@ _STORED_TORCH = {
     "fp8_e4m3": torch.uint8,
 }
 BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers
+
+
+class TableReadError(OSError):
+    """A table file's rows could not be read while serving: an I/O error, or a short read (the
+    file shrank under the server). It fails the step that needed the rows, not the engine."""
 
 
 class EngramTable(Protocol):
@@ -232,6 +238,7 @@ class StagedStore:
             )
             for s in range(0, len(ids), chunk)
         ]
+        wait(futures)  # every chunk done before the caller may reuse the staging, even on error
         for f in futures:
             f.result()
 
@@ -315,21 +322,34 @@ class DiskStore(StagedStore):
     ) -> None:
         rows = weight_out.view(np.uint8).reshape(len(ids), self.row_bytes)
         offsets = (self.offset + ids * self.row_bytes).tolist()
+        try:
+            self._pread_rows(offsets, rows)
+        except TableReadError:
+            raise
+        except OSError as e:  # EIO and the like, named after the file
+            raise TableReadError(e.errno, f"{self.path}: read failed: {e.strerror or e}") from e
+        if scale_out is not None:
+            np.take(self.scale, ids, axis=0, out=scale_out)
+
+    def _pread_rows(self, offsets: list[int], rows: np.ndarray) -> None:
+        """rows[i] = the row at file offset offsets[i]; a short read is a TableReadError."""
         if self.direct:
             bounce = self._bounce()
             for i, off in enumerate(offsets):
                 start = off - off % BLOCK
                 length = -(-(off + self.row_bytes - start) // BLOCK) * BLOCK
-                got = os.preadv(self.fd, [bounce[:length]], start)
-                if got < off - start + self.row_bytes:
-                    raise OSError(f"{self.path}: short read at offset {off} (truncated file?)")
+                if os.preadv(self.fd, [bounce[:length]], start) < off - start + self.row_bytes:
+                    raise self._short_read(off)
                 rows[i] = np.frombuffer(bounce, np.uint8, self.row_bytes, off - start)
         else:
             for i, off in enumerate(offsets):
                 if os.preadv(self.fd, [rows[i]], off) != self.row_bytes:
-                    raise OSError(f"{self.path}: short read at offset {off} (truncated file?)")
-        if scale_out is not None:
-            np.take(self.scale, ids, axis=0, out=scale_out)
+                    raise self._short_read(off)
+
+    def _short_read(self, offset: int) -> TableReadError:
+        return TableReadError(
+            errno.EIO, f"{self.path}: short read at offset {offset} (truncated file?)"
+        )
 
     def drop_page_cache(self) -> None:
         """Evict the file's pages from the OS cache (benchmarks of the buffered mode)."""

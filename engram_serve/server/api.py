@@ -245,14 +245,18 @@ async def _final_outputs(generation: Generation) -> list[RequestOutput]:
         except EngineDeadError as e:
             raise p.APIError(503, str(e)) from e
     for output in outputs:
-        _raise_if_aborted(output)
+        _raise_if_failed(output)
     return outputs
 
 
-def _raise_if_aborted(output: RequestOutput) -> None:
-    # Only aborts the client did not cause reach here: shutdown past its deadline.
-    if output.finished and output.outputs[0].finish_reason == "abort":
+def _raise_if_failed(output: RequestOutput) -> None:
+    if not output.finished:
+        return
+    reason = output.outputs[0].finish_reason
+    if reason == "abort":  # only aborts the client did not cause reach here: shutdown
         raise p.APIError(503, "the request was aborted: the server is shutting down")
+    if reason == "error":  # the engine names the file in its log; clients get no paths
+        raise p.APIError(500, "the request failed: its Engram rows could not be read from storage")
 
 
 # -- streaming ------------------------------------------------------------------------------------
@@ -347,7 +351,7 @@ async def _sse_events(
             for frame in opening:
                 yield _sse(frame)
             async for index, output in generation:
-                _raise_if_aborted(output)
+                _raise_if_failed(output)
                 if output.finished:
                     final[index] = output
                 frame = chunk(index, output)
@@ -362,8 +366,13 @@ async def _sse_events(
     yield "data: [DONE]\n\n"
 
 
+# JSON may carry these raw, but many SSE readers split lines at them (str.splitlines, httpx's
+# iter_lines); escaped, the JSON means the same and every reader sees one line.
+_UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(model: BaseModel) -> str:
-    return f"data: {model.model_dump_json()}\n\n"
+    return f"data: {model.model_dump_json().translate(_UNICODE_LINE_BREAKS)}\n\n"
 
 
 class _SSEResponse(StreamingResponse):
@@ -524,17 +533,42 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """pydantic's errors as one 400: the first problem, and where it is."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    where = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if first.get("type") == "json_invalid":
-        message = f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}"
-        return error_response(p.APIError(400, message))
-    message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problems)"
+    """pydantic's errors as one 400: the first field's problem, and where it is."""
+    errors = exc.errors() or [{"msg": "invalid request", "loc": (), "type": ""}]
+    if errors[0].get("type") == "json_invalid":
+        reason = errors[0].get("ctx", {}).get("error", "cannot parse the body")
+        return error_response(p.APIError(400, f"malformed JSON: {reason}"))
+    fields = list(dict.fromkeys(_error_path(e)[:1] for e in errors))
+    where, text = _field_problem([e for e in errors if _error_path(e)[:1] == fields[0]])
+    message = f"{'.'.join(where) or 'body'}: {text}"
+    if len(fields) > 1:
+        message += f" (and {len(fields) - 1} more field{'s' if len(fields) > 2 else ''} wrong)"
     return error_response(p.APIError(400, message, ".".join(where) or None))
+
+
+def _error_path(error: dict[str, Any]) -> tuple[str, ...]:
+    """Where an error is, without "body" and the union-member tags pydantic puts in the path
+    (type names: "str", "list[str]", "function-after[...]")."""
+    tags = ("str", "int", "float", "bool", "list", "dict")
+    loc = error.get("loc", ())
+    return tuple(str(x) for x in loc if x != "body" and not (x in tags or "[" in str(x)))
+
+
+def _field_problem(errors: list[dict[str, Any]]) -> tuple[tuple[str, ...], str]:
+    """One field's problem. A union (prompt: text, token ids, ...) fails once per member: a
+    value error (the type fit) says most, then the deepest error; members that all refuse the
+    type at one place are named together ("a valid string or a valid list")."""
+
+    def is_type_error(e: dict[str, Any]) -> bool:
+        return e.get("type", "").endswith(("_type", "_parsing"))
+
+    best = min(errors, key=lambda e: (is_type_error(e), -len(_error_path(e))))
+    where = _error_path(best)
+    if not is_type_error(best):
+        return where, best["msg"]
+    same = [e["msg"] for e in errors if is_type_error(e) and _error_path(e) == where]
+    first, *others = dict.fromkeys(same)
+    return where, " or ".join([first, *(m.removeprefix("Input should be ") for m in others)])
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

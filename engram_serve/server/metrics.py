@@ -93,7 +93,7 @@ class ServerMetrics:
         self._make_engine_metrics(max_model_len)
         self.engram = EngramMetrics(self.registry, model_name)
         self.stats_logger = StatsLogger(stats_interval_s)
-        self._last = {"prompt": 0, "generation": 0, "preemptions": 0}
+        self._last = {"prompt": 0, "generation": 0, "preemptions": 0, "read_errors": 0}
         self._tokens_seen: dict[str, tuple[int, float | None]] = {}  # id -> (count, last time)
 
     def _make_engine_metrics(self, max_model_len: int) -> None:
@@ -114,6 +114,9 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens computed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Requests preempted (by recompute).")
+        self.read_errors = counter(
+            "engram_read_errors", "Steps whose Engram rows could not be read (requests failed)."
+        )
         self.request_success = counter(
             "request_success", "Finished requests, by finish reason.", ("finished_reason",)
         )
@@ -185,11 +188,13 @@ class ServerMetrics:
             "prompt": engine.stats.num_prompt_tokens,
             "generation": engine.stats.num_generation_tokens,
             "preemptions": engine.scheduler.num_preemptions,
+            "read_errors": engine.stats.num_failed_steps,
         }
         counters = {
             "prompt": self.prompt_tokens,
             "generation": self.generation_tokens,
             "preemptions": self.preemptions,
+            "read_errors": self.read_errors,
         }
         for key, value in current.items():
             if value > self._last[key]:
