@@ -70,6 +70,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/engram \
     ENGRAM_SERVE_CACHE=/var/cache/engram-serve \
     TRITON_CACHE_DIR=/var/cache/engram-serve/triton \
+    NUMBA_CACHE_DIR=/var/cache/engram-serve/numba \
     HF_HOME=/var/cache/engram-serve/huggingface
 RUN groupadd --gid "${ENGRAM_UID}" engram \
     && useradd --uid "${ENGRAM_UID}" --gid "${ENGRAM_UID}" --create-home \

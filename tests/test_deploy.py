@@ -334,9 +334,9 @@ def test_deployment_flags_are_the_servers_and_the_grace_period_covers_the_drain(
     assert {"/tmp", "/dev/shm"} <= writable
     env = dict(kv.split("=", 1) for k, r in dockerfile_stages()["runtime"]["steps"]
                if k == "ENV" for kv in shlex.split(r))  # fmt: skip
-    for name in ("ENGRAM_SERVE_CACHE", "TRITON_CACHE_DIR", "HF_HOME"):  # the root is read-only
+    for name in ("ENGRAM_SERVE_CACHE", "TRITON_CACHE_DIR", "NUMBA_CACHE_DIR", "HF_HOME"):
         assert any(Path(mount) in Path(env[name]).parents or mount == env[name]
-                   for mount in writable), name  # fmt: skip
+                   for mount in writable), name  # the root is read-only  # fmt: skip
 
 
 def test_service_hpa_and_servicemonitor_select_the_deployment():

@@ -1,4 +1,4 @@
-"""The Triton kernels against their twins, and the CPU gather against the reference.
+"""The Triton kernels and the CPU path's compiled kernels (hash, gather) against their twins.
 
 Without CUDA the kernels run on CPU tensors in Triton's interpreter, which Triton 3.9 picks when
 `@triton.jit` decorates a function, its own library included: TRITON_INTERPRET=1 must be set
@@ -18,10 +18,12 @@ import importlib.util  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from engram_serve.config import EngramConfig  # noqa: E402
 from engram_serve.engine.ngram_hash import NgramHasher  # noqa: E402
-from engram_serve.kernels import cpu_gather  # noqa: E402
+from engram_serve.kernels import cpu_gather, cpu_hash  # noqa: E402
 from engram_serve.kernels import reference as ref  # noqa: E402
 from engram_serve.kernels.cpu_gather import gather_rows_cpu  # noqa: E402
 
@@ -102,19 +104,62 @@ def _hash_args(hasher: NgramHasher, ids, qsl, lookback) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(DEVICE) for a in arrays]
 
 
+def _reference_hash(hasher: NgramHasher, ids, qsl, lookback, offsets: bool) -> np.ndarray:
+    args = [torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (ids, qsl, lookback)]
+    extra = {"offsets": torch.from_numpy(hasher.offsets)} if offsets else {}
+    multipliers, primes = torch.from_numpy(hasher.multipliers), torch.from_numpy(hasher.primes)
+    return ref.ngram_hash(*args, multipliers, primes, **extra).numpy()
+
+
+@pytest.mark.parametrize("config_name", HASH_CONFIGS)
+@pytest.mark.parametrize("lens", SEQ_LENS.values(), ids=SEQ_LENS.keys())
+def test_cpu_hash_kernel_equals_its_twin(hashers, config_name, lens):
+    hasher = hashers[config_name]
+    ids, qsl, lookback = _packed_batch(hasher, lens, seed=len(lens))
+    np.testing.assert_array_equal(
+        hasher.row_ids(ids, qsl, lookback), _reference_hash(hasher, ids, qsl, lookback, True)
+    )
+    np.testing.assert_array_equal(
+        hasher.hash_packed(ids, qsl, lookback), _reference_hash(hasher, ids, qsl, lookback, False)
+    )
+    assert hasher.multipliers.max() > 2**45  # the products really come near int64's limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    x=st.one_of(st.integers(0, 2**63 - 1), st.integers(2**63 - 2**20, 2**63 - 1)),
+    p=st.one_of(st.integers(2, 5000), st.integers(4000, 4200), st.integers(2, 2**49)),
+)
+def test_cpu_remainder_by_reciprocal_is_exact(x, p):
+    """The float64-reciprocal remainder of kernels/cpu_hash.py against Python's exact `%`,
+    for tiny primes (large quotient error) and values at int64's limit (wrapping products)."""
+    small_p = p < cpu_hash.ONE_ESTIMATE_MIN_PRIME
+    assert cpu_hash.remainder(np.int64(x), np.int64(p), 1.0 / p, small_p) == x % p
+
+
+def test_cpu_hash_refuses_inconsistent_packing(hashers):
+    hasher = hashers["N4_H3"]
+    ids, qsl, lookback = _packed_batch(hasher, [3, 4], seed=0)
+    with pytest.raises(ValueError, match="must rise from 0 to the 7 packed tokens"):
+        hasher.hash_packed(ids, np.array([0, 5, 4]), lookback)
+    with pytest.raises(ValueError, match="must rise from 0"):
+        hasher.hash_packed(ids, np.array([0, 3, 9]), lookback)
+    with pytest.raises(ValueError, match="must describe the same sequences"):
+        hasher.hash_packed(ids, qsl, lookback[:1])
+
+
 @needs_triton
 @pytest.mark.parametrize("config_name", HASH_CONFIGS)
 @pytest.mark.parametrize("lens", SEQ_LENS.values(), ids=SEQ_LENS.keys())
-def test_hash_kernel_equals_ngram_hasher(hashers, config_name, lens):
+def test_hash_kernel_equals_its_twin(hashers, config_name, lens):
     hasher = hashers[config_name]
     ids, qsl, lookback = _packed_batch(hasher, lens, seed=len(lens))
     args = _hash_args(hasher, ids, qsl, lookback)
     offsets = torch.from_numpy(hasher.offsets).to(DEVICE)
     rows = ngram_hash(*args, offsets=offsets).cpu().numpy()
-    np.testing.assert_array_equal(rows, hasher.row_ids(ids, qsl, lookback))
+    np.testing.assert_array_equal(rows, _reference_hash(hasher, ids, qsl, lookback, True))
     hashes = ngram_hash(*args).cpu().numpy()
-    np.testing.assert_array_equal(hashes, hasher.hash_packed(ids, qsl, lookback))
-    assert hasher.multipliers.max() > 2**45  # the products really come near int64's limit
+    np.testing.assert_array_equal(hashes, _reference_hash(hasher, ids, qsl, lookback, False))
 
 
 @needs_triton
@@ -346,12 +391,10 @@ def test_gate_kernel_refuses_bad_inputs():
 
 @pytest.fixture(params=["real_sizes", "tiny_sizes"])
 def cpu_gather_sizes(request, monkeypatch):
-    """The real thresholds, and tiny ones under which a few thousand rows are split over every
-    thread, into many index_select chunks and FP8 decode pieces."""
+    """The real threshold, and a tiny one under which a few thousand rows are split over every
+    thread."""
     if request.param == "tiny_sizes":
         monkeypatch.setattr(cpu_gather, "_MIN_ROWS_PER_THREAD", 100)
-        monkeypatch.setattr(cpu_gather, "_TORCH_GRAIN", 1000)
-        monkeypatch.setattr(cpu_gather, "_DECODE_ROWS", 37)
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
@@ -372,6 +415,23 @@ def test_cpu_gather_equals_reference(cpu_gather_sizes, num_threads, dtype, shape
     got = gather_rows_cpu(table, ids, scale, num_threads=num_threads)
     assert got.dtype == torch.float32
     _assert_same_floats(got, ref.gather_rows(table, ids, scale))
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [(torch.float32, (3000, 64)), (torch.bfloat16, (3000, 48)), (torch.uint8, (3000, 8)),
+     (torch.uint8, (3000, 1)), (torch.uint8, (3000, 3)), (torch.int32, (3000, 5, 2))],
+    ids=str,
+)  # fmt: skip
+def test_cpu_raw_gather_equals_index_select(cpu_gather_sizes, num_threads, dtype, shape):
+    """Rows of every word size (8, 4, 2, 1 bytes), scale columns included, as raw bits."""
+    table = torch.randint(0, 255, shape, generator=_gen(0)).to(dtype)
+    for ids in (torch.randint(0, shape[0], (9000,), generator=_gen(1)), torch.zeros(0).long()):
+        got = cpu_gather.gather_raw(table, ids, num_threads=num_threads)
+        assert got.dtype == dtype and torch.equal(got, table.index_select(0, ids))
+    with pytest.raises(IndexError, match="outside a table of 3000 rows"):
+        cpu_gather.gather_raw(table, torch.tensor([5, 3000]))
 
 
 def test_cpu_gather_writes_into_out_and_handles_strided_tables():

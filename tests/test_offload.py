@@ -337,6 +337,34 @@ def test_registration_chunks_stay_under_the_limit():
         pinned.register_chunks(1 << 20, chunk=1000)
 
 
+def _smaps_entry(address: int) -> dict[str, str]:
+    """This process's /proc/self/smaps fields for the mapping holding `address`."""
+    entry: dict[str, str] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside:
+            key, _, value = line.partition(":")
+            entry[key] = value.strip()
+    return entry
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/smaps").exists()
+    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+    reason="needs Linux with transparent huge pages",
+)
+def test_host_tables_ask_for_huge_pages():
+    mem = pinned.HostMemory(64 << 20)
+    assert _smaps_entry(mem.ptr).get("THPeligible") == "1"
+    plain = np.empty(64 << 20, dtype=np.uint8)  # NumPy's own allocation, for contrast
+    if "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert _smaps_entry(plain.ctypes.data).get("THPeligible") == "0"
+
+
 def test_cupy_is_optional_with_a_clear_error():
     try:
         import cupy  # noqa: F401

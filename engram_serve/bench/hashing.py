@@ -65,7 +65,7 @@ def run(decode_seqs: int = 64, prefill_seqs: int = 32, prefill_len: int = 1024) 
     results = {}
     for case, (batch, seq_len, repeat) in {
         "decode": (decode_seqs, 1, 200),
-        "prefill": (prefill_seqs, prefill_len, 5),
+        "prefill": (prefill_seqs, prefill_len, 20),
     }.items():
         ids = rng.integers(0, V41_COMPRESSED_VOCAB, size=(batch, seq_len))
         flat = ids.reshape(-1)

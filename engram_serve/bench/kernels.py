@@ -2,18 +2,22 @@
 
 CPU: the CPU path's row gather (`gather_rows_cpu`) against `torch.index_select` on the same
 rows of a table far larger than the caches (256-byte rows: 64 float32 values), plus the FP8
-V4.1 format (256 FP8 bytes + 8 UE8M0 scales a row) against the reference twin. Every method sees
-the same id sets, fresh ones each repeat (so no repeat finds the previous repeat's rows in
-cache), run in turn within each repeat (so a busy machine slows them alike). Two scenarios:
-`alone`, and `beside_forward`, with matmuls running on torch's threads meanwhile, as the
-engine's CPU prefetch gathers rows while the model computes.
+V4.1 format (256 FP8 bytes + 8 UE8M0 scales a row) against the reference twin. Our gather reads
+the table where the tiers keep it (offload/pinned.py's HostMemory, on transparent huge pages);
+`index_select` reads a plain torch tensor holding the same values (4 KiB pages), as a user's
+table would be, and `index_select_tier_memory` reads our table, to separate what the pages
+give from what the kernel gives. Every method sees the same id sets, fresh ones each repeat
+(so no repeat finds the previous repeat's rows in cache), run in turn within each repeat (so
+a busy machine slows them alike), in rotating order. Two scenarios: `alone`, and
+`beside_forward`, with matmuls running on torch's threads meanwhile, as the engine's CPU
+prefetch gathers rows while the model computes.
 
 Two id distributions: `uniform` (independent random rows), and `text` (a step's real rows:
 windows of English text, CPython's bundled documentation, tokenized by the embedded SmolLM2
 tokenizer, compressed, and hashed by NgramHasher for 3 orders x 8 heads into the same table;
 repeated n-grams repeat rows, so the unique fraction is reported too).
 
-GPU (skipped without CUDA): the Triton hash against NgramHasher (NumPy), the Triton gather from
+GPU (skipped without CUDA): the Triton hash against NgramHasher (numba), the Triton gather from
 device memory and from pinned host memory (UVA) against torch indexing, the fused gate against
 its twin.
 
@@ -38,6 +42,7 @@ from engram_serve.config import EngramConfig
 from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.kernels import reference
 from engram_serve.kernels.cpu_gather import gather_rows_cpu
+from engram_serve.offload import pinned
 
 ROW_BYTES = 256
 NUM_HEADS = 24  # 3 orders x 8 heads, as DeepSeek-V4.1
@@ -51,12 +56,14 @@ def _median_min(times: list[float]) -> dict[str, float]:
 
 
 def _race(methods: dict[str, Callable[[torch.Tensor], object]], id_sets: list[torch.Tensor]):
-    """Time every method on every id set, in turn; the first set is the warm-up."""
+    """Time every method on every id set, in turn, the order rotating from set to set (a method
+    run right after torch's OpenMP threads is slowed while they spin); the first set warms up."""
     times: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
     for i, ids in enumerate(id_sets):
-        for name, fn in methods.items():
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
-            fn(ids)
+            methods[name](ids)
             if i:
                 times[name].append(time.perf_counter() - start)
     return {name: _median_min(t) for name, t in times.items()}
@@ -107,21 +114,29 @@ def _id_sets(kind: str, steps: _TextSteps, shape: tuple[int, int], count: int):
     return [torch.randint(0, steps.num_rows, (num_ids,), generator=gen) for _ in range(count)]
 
 
-def _float32_table(num_rows: int) -> torch.Tensor:
-    # Written in full so every page is really backed (an untouched page reads as the one
-    # shared zero page, which would make random reads look cache-friendly).
-    table = torch.empty(num_rows, ROW_BYTES // 4)
+def _host_table(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, object]:
+    """An empty table where the tiers put one: offload/pinned.py's HostMemory (huge pages)."""
+    mem = pinned.HostMemory(int(np.prod(shape)) * dtype.itemsize)
+    return torch.from_numpy(mem.array(np.uint8, (mem.nbytes,))).view(dtype).view(shape), mem
+
+
+def _float32_tables(num_rows: int) -> dict[str, torch.Tensor]:
+    """The same table twice: in a tier's memory, and as a plain torch tensor (4 KiB pages).
+    Written in full so every page is really backed (an untouched page reads as the one shared
+    zero page, which would make random reads look cache-friendly)."""
+    table, mem = _host_table((num_rows, ROW_BYTES // 4), torch.float32)
     table.fill_(0.5)
     table[:, 0] = torch.arange(num_rows, dtype=torch.float32)  # a row's id, to check results
-    return table
+    return {"tier": table, "plain": table.clone(), "memory": mem}
 
 
-def _fp8_table(num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.empty(num_rows, ROW_BYTES, dtype=torch.uint8)
+def _fp8_tables(num_rows: int) -> dict[str, torch.Tensor]:
+    rows, row_mem = _host_table((num_rows, ROW_BYTES), torch.uint8)
     rows.fill_(0x38)  # 1.0
     rows[:, :4] = torch.arange(num_rows, dtype=torch.int32)[:, None].view(torch.uint8)
-    scales = torch.full((num_rows, ROW_BYTES // 32), 127, dtype=torch.uint8)
-    return rows, scales
+    scales, scale_mem = _host_table((num_rows, ROW_BYTES // 32), torch.uint8)
+    scales.fill_(127)
+    return {"rows": rows, "scales": scales, "memory": (row_mem, scale_mem)}
 
 
 def bench_cpu_gather(table_gib: float = 2.0, repeats: int = 20) -> dict:
@@ -141,19 +156,22 @@ def bench_cpu_gather(table_gib: float = 2.0, repeats: int = 20) -> dict:
 
 
 def _float32_methods(num_rows: int) -> tuple[str, Callable]:
-    table = _float32_table(num_rows)
+    tables = _float32_tables(num_rows)
+    tier, plain = tables["tier"], tables["plain"]
 
     def methods(out: torch.Tensor) -> dict[str, Callable[[torch.Tensor], object]]:
         return {
-            "index_select": lambda ids: torch.index_select(table, 0, ids, out=out),
-            "gather_rows_cpu": lambda ids: gather_rows_cpu(table, ids, out=out),
+            "index_select": lambda ids: torch.index_select(plain, 0, ids, out=out),
+            "index_select_tier_memory": lambda ids: torch.index_select(tier, 0, ids, out=out),
+            "gather_rows_cpu": lambda ids: gather_rows_cpu(tier, ids, out=out),
         }
 
     return "index_select", methods
 
 
 def _fp8_methods(num_rows: int) -> tuple[str, Callable]:
-    rows, scales = _fp8_table(num_rows)
+    tables = _fp8_tables(num_rows)
+    rows, scales = tables["rows"], tables["scales"]
 
     def methods(out: torch.Tensor) -> dict[str, Callable[[torch.Tensor], object]]:
         return {
@@ -216,8 +234,13 @@ def _summary(timed: dict, baseline: str, id_sets: list[torch.Tensor]) -> dict:
         "unique_fraction": ids.unique().numel() / max(1, ids.numel()),
         **{name: t for name, t in timed.items()},
     }
-    out["speedup_median"] = timed[baseline]["median_ms"] / timed["gather_rows_cpu"]["median_ms"]
-    out["speedup_min"] = timed[baseline]["min_ms"] / timed["gather_rows_cpu"]["min_ms"]
+    ours = timed["gather_rows_cpu"]
+    out["speedup_median"] = timed[baseline]["median_ms"] / ours["median_ms"]
+    out["speedup_min"] = timed[baseline]["min_ms"] / ours["min_ms"]
+    if "index_select_tier_memory" in timed:  # the same huge-page memory for both
+        out["speedup_median_same_memory"] = (
+            timed["index_select_tier_memory"]["median_ms"] / ours["median_ms"]
+        )
     return out
 
 
@@ -278,8 +301,9 @@ def _bench_gpu_gather(dev: torch.device, repeats: int, host_table_gib: float) ->
     from engram_serve.kernels.gather import gather_rows
 
     num_rows = int(host_table_gib * 2**30) // ROW_BYTES
-    device_rows, device_scales = (t.to(dev) for t in _fp8_table(num_rows))
-    host_rows, host_scales = (t.pin_memory() for t in _fp8_table(num_rows))
+    tables = _fp8_tables(num_rows)
+    device_rows, device_scales = (tables[name].to(dev) for name in ("rows", "scales"))
+    host_rows, host_scales = (tables[name].pin_memory() for name in ("rows", "scales"))
     out: dict = {}
     for tokens in (512, 8192):
         ids = torch.randint(0, num_rows, (tokens, NUM_HEADS), device=dev)
@@ -341,6 +365,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"  {baseline} {r[baseline]['median_ms']:8.3f} ms"
                     f"  gather_rows_cpu {r['gather_rows_cpu']['median_ms']:8.3f} ms"
                     f"  speedup {r['speedup_median']:5.2f}x (min-based {r['speedup_min']:5.2f}x)"
+                    + (
+                        f"; same memory {r['speedup_median_same_memory']:5.2f}x"
+                        if "speedup_median_same_memory" in r
+                        else ""
+                    )
                 )
     results["gpu"] = gpu = bench_gpu()
     print("GPU:", json.dumps(gpu, indent=2))

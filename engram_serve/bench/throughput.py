@@ -2,7 +2,8 @@
 and output lengths uniform in [low, high], random token ids, ignore_eos; output tokens per
 second. One run measures, side by side on the same model and requests:
 
-- our engine (Engram on, tables as configured) and our engine with Engram off;
+- our engine (Engram on, tables as configured) and our engine with Engram off, in `--rounds`
+  alternating runs (A B B A ...), averaged;
 - Hugging Face transformers' batched `generate` (batches of `--hf-batch` prompts, left-padded,
   each batch generating its longest requested output, as vLLM's HF backend does; only the
   requested tokens count);
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, A B B A")
     parser.add_argument("--engram-tier", default="device")
     parser.add_argument("--output", default="results/throughput.json")
     args = parser.parse_args(argv)
@@ -172,14 +174,22 @@ def main(argv: list[str] | None = None) -> dict:
         output_tokens=workload.num_output_tokens,
         model_gflop=flops / 1e9,
     )
-    for name, engine in engines.items():
+    for engine in engines.values():
         run_engine(engine, make_workload(2, 8, 16, config.vocab_size, seed=1))  # warm-up
-        seconds = run_engine(engine, workload)
+    # Rounds in A B B A order, so a drift in the machine's speed (other work, clocks) cancels
+    # out of the ratio instead of landing on whichever engine ran second.
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    for round_ in range(args.rounds):
+        for name in list(engines)[:: 1 if round_ % 2 == 0 else -1]:
+            seconds[name].append(run_engine(engines[name], workload))
+    for name, engine in engines.items():
+        mean = sum(seconds[name]) / len(seconds[name])
         results[name] = {
-            "seconds": seconds,
-            "output_tok_s": workload.num_output_tokens / seconds,
-            "total_tok_s": (workload.num_output_tokens + workload.num_prompt_tokens) / seconds,
-            "mfu": flops / seconds / 1e9 / results["matmul_peak_gflops"],
+            "seconds": mean,
+            "seconds_per_round": seconds[name],
+            "output_tok_s": workload.num_output_tokens / mean,
+            "total_tok_s": (workload.num_output_tokens + workload.num_prompt_tokens) / mean,
+            "mfu": flops / mean / 1e9 / results["matmul_peak_gflops"],
             "preemptions": engine.scheduler.num_preemptions,
             "single_stream_decode_tok_s": single_stream_decode(engine),
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from engram_serve.config import EngramConfig
+from engram_serve.kernels.cpu_hash import ngram_hash_cpu
 
 PRIME_1 = 10007
 _INT64_MAX = np.iinfo(np.int64).max
@@ -80,21 +81,6 @@ def find_primes(config: EngramConfig) -> np.ndarray:
     return np.array(layers, dtype=np.int64)
 
 
-# Below this many tokens one broadcast `np.remainder` wins (fewer calls); above it, one
-# floor-divide per head by a scalar prime, which NumPy vectorises (libdivide), is ~4x faster.
-_PER_HEAD_MIN_TOKENS = 2048
-
-
-def _remainder_per_head(mix: np.ndarray, primes: np.ndarray, out: np.ndarray) -> None:
-    """out[l, o, h] = mix[l, o] mod primes[l, o, h], as x - (x // p) * p."""
-    quotient = np.empty(mix.shape[-1], dtype=np.int64)
-    for (layer, order, head), prime in np.ndenumerate(primes):
-        x = mix[layer, order]
-        np.floor_divide(x, prime, out=quotient)
-        np.multiply(quotient, prime, out=quotient)
-        np.subtract(x, quotient, out=out[layer, order, head])
-
-
 class NgramHasher:
     """Row ids of every Engram layer for a batch of tokens. Usable on its own, e.g. to
     pre-compute rows offline in a data pipeline.
@@ -111,7 +97,6 @@ class NgramHasher:
         self.primes = find_primes(config)  # [L, (N-1)*H]
         self.offsets = np.cumsum(self.primes, axis=1) - self.primes  # [L, (N-1)*H]
         self.table_rows = self.primes.sum(axis=1)  # [L]
-        self._primes_by_order = self.primes.reshape(len(config.layer_ids), config.num_orders, -1)
 
     @property
     def lookback_len(self) -> int:
@@ -136,32 +121,22 @@ class NgramHasher:
     def hash_packed(
         self, compressed_ids: np.ndarray, query_start_loc: np.ndarray, lookback: np.ndarray
     ) -> np.ndarray:
-        """Per-head hashes before offsets, `[L, T, (N-1)*H]` int64 (a transposed view of a
-        head-major array: each head's column is contiguous).
+        """Per-head hashes before offsets, `[L, T, (N-1)*H]` int64.
 
         compressed_ids [T]: S sequences' new tokens packed flat; query_start_loc [S+1];
         lookback [S, N-1]: each sequence's previous compressed ids, oldest first.
         """
-        windows = self._windows(compressed_ids, query_start_loc, lookback)  # [N, T]
-        products = self.multipliers[:, :, None] * windows[None, :, :]  # [L, N, T]
-        mix = products[:, 1:]  # [L, N-1, T]: orders 2..N, each extending the previous order
-        mix[:, 0] ^= products[:, 0]
-        for order in range(1, mix.shape[1]):
-            mix[:, order] ^= mix[:, order - 1]
-        num_layers, num_orders, num_tokens = mix.shape
-        out = np.empty((num_layers, num_orders, self.config.n_head_per_ngram, num_tokens), np.int64)
-        if num_tokens < _PER_HEAD_MIN_TOKENS:
-            np.remainder(mix[:, :, None, :], self._primes_by_order[..., None], out=out)
-        else:
-            _remainder_per_head(mix, self._primes_by_order, out)
-        return out.reshape(num_layers, self.config.num_heads, num_tokens).transpose(0, 2, 1)
+        return ngram_hash_cpu(
+            compressed_ids, query_start_loc, lookback, self.multipliers, self.primes
+        )
 
     def row_ids(
         self, compressed_ids: np.ndarray, query_start_loc: np.ndarray, lookback: np.ndarray
     ) -> np.ndarray:
         """Table rows `[L, T, (N-1)*H]` int64 (hashes plus per-head offsets)."""
-        hashes = self.hash_packed(compressed_ids, query_start_loc, lookback)
-        return hashes + self.offsets[:, None, :]
+        return ngram_hash_cpu(
+            compressed_ids, query_start_loc, lookback, self.multipliers, self.primes, self.offsets
+        )
 
     def hash_batch(self, raw_ids: np.ndarray) -> np.ndarray:
         """Raw ids `[B, T]` of B whole sequences -> hashes `[L, B, T, (N-1)*H]` before offsets."""
@@ -171,18 +146,3 @@ class NgramHasher:
         lookback = np.full((batch, self.lookback_len), self.pad_id, dtype=np.int64)
         hashes = self.hash_packed(self.compress(raw_ids.reshape(-1)), query_start_loc, lookback)
         return hashes.reshape(len(self.config.layer_ids), batch, seq_len, -1)
-
-    def _windows(
-        self, ids: np.ndarray, query_start_loc: np.ndarray, lookback: np.ndarray
-    ) -> np.ndarray:
-        """`[N, T]`: row k holds x[t-k], reaching into the lookback before a chunk's start."""
-        n_back = self.lookback_len
-        num_seqs = len(query_start_loc) - 1
-        # Extended layout: each sequence's lookback immediately followed by its new tokens.
-        seq_of_token = np.repeat(np.arange(num_seqs), np.diff(query_start_loc))
-        token_pos = np.arange(len(ids)) + (seq_of_token + 1) * n_back  # [T]
-        extended = np.empty(len(ids) + num_seqs * n_back, dtype=np.int64)
-        extended[token_pos] = ids
-        lookback_pos = query_start_loc[:-1, None] + np.arange(num_seqs)[:, None] * n_back
-        extended[lookback_pos + np.arange(n_back)] = lookback
-        return extended[token_pos[None, :] - np.arange(n_back + 1)[:, None]]

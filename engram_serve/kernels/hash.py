@@ -1,7 +1,6 @@
 """Triton n-gram hashing: every Engram layer, order and head of a packed batch in one launch.
 
-The twin is `engram_serve.engine.ngram_hash.NgramHasher` (NumPy): `row_ids` when offsets are
-given, `hash_packed` without them.
+The twin is `reference.ngram_hash`; the CPU path is its compiled twin `cpu_hash.ngram_hash_cpu`.
 """
 
 from __future__ import annotations

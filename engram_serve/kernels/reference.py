@@ -93,6 +93,47 @@ def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: int = 32) -> 
     return decode_fp8_e4m3(w) * s
 
 
+def ngram_hash(
+    compressed_ids: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    lookback: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows (offsets given) or per-head hashes of every Engram layer, `[L, T, (N-1)*H]` int64.
+
+    For layer l, order n = 2..N, head j (column c = (n-2)*H + j):
+        out[l, t, c] = (XOR_{k<n} x[t-k] * multipliers[l, k]) mod primes[l, c] + offsets[l, c]
+    where x[t-k] before a sequence's chunk start is read from its lookback.
+
+    compressed_ids [T] of S sequences packed flat, query_start_loc [S+1], lookback [S, N-1]
+    (each sequence's previous ids, oldest first), multipliers [L, N], primes [L, (N-1)*H]:
+    int64. Products stay below int64's limit when ids < V' and multipliers < int64_max // V'.
+    """
+    num_layers, max_ngram = multipliers.shape
+    num_seqs, num_back = lookback.shape[0], max_ngram - 1
+    # Each sequence's lookback laid immediately before its new tokens: x[t-k] = extended[pos - k].
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_start_loc.diff())
+    token_pos = torch.arange(compressed_ids.shape[0]) + (seq_of_token + 1) * num_back  # [T]
+    extended = torch.empty(compressed_ids.shape[0] + num_seqs * num_back, dtype=torch.int64)
+    extended[token_pos] = compressed_ids
+    lookback_pos = query_start_loc[:-1, None] + torch.arange(num_seqs)[:, None] * num_back
+    extended[lookback_pos + torch.arange(num_back)] = lookback
+    windows = extended[token_pos[None, :] - torch.arange(max_ngram)[:, None]]  # [N, T]
+    products = multipliers[:, :, None] * windows[None]  # [L, N, T]
+    mix, orders = products[:, 0], []
+    for k in range(1, max_ngram):
+        mix = mix ^ products[:, k]
+        orders.append(mix)
+    heads = primes.shape[1] // num_back
+    mix = torch.stack(orders, dim=1).repeat_interleave(heads, dim=1)  # [L, (N-1)*H, T]
+    rows = mix % primes[:, :, None]  # mix >= 0, so `%` is the floor remainder
+    if offsets is not None:
+        rows += offsets[:, :, None]
+    return rows.transpose(1, 2).contiguous()
+
+
 def gather_rows(
     table: torch.Tensor, row_ids: torch.Tensor, scale: torch.Tensor | None = None, block: int = 32
 ) -> torch.Tensor:
