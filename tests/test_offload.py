@@ -337,6 +337,13 @@ def test_registration_chunks_stay_under_the_limit():
         pinned.register_chunks(1 << 20, chunk=1000)
 
 
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+needs_thp = pytest.mark.skipif(
+    not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(),
+    reason="needs Linux with transparent huge pages",
+)
+
+
 def _smaps_entry(address: int) -> dict[str, str]:
     """This process's /proc/self/smaps fields for the mapping holding `address`."""
     entry: dict[str, str] = {}
@@ -352,17 +359,30 @@ def _smaps_entry(address: int) -> dict[str, str]:
     return entry
 
 
-@pytest.mark.skipif(
-    not Path("/proc/self/smaps").exists()
-    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
-    reason="needs Linux with transparent huge pages",
-)
+@needs_thp
 def test_host_tables_ask_for_huge_pages():
     mem = pinned.HostMemory(64 << 20)
     assert _smaps_entry(mem.ptr).get("THPeligible") == "1"
     plain = np.empty(64 << 20, dtype=np.uint8)  # NumPy's own allocation, for contrast
-    if "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+    if "[madvise]" in THP_SETTING.read_text():
         assert _smaps_entry(plain.ctypes.data).get("THPeligible") == "0"
+
+
+@needs_thp
+def test_torch_tensors_ask_for_huge_pages_once_engram_serve_is_imported():
+    """engram_serve sets THP_MEM_ALLOC_ENABLE before torch allocates (weights, KV cache)."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import engram_serve, torch
+        from test_offload import _smaps_entry
+        t = torch.empty(64 << 20, dtype=torch.uint8)
+        print(_smaps_entry(t.data_ptr()).get("THPeligible"))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "1"
 
 
 def test_cupy_is_optional_with_a_clear_error():
