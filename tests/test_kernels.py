@@ -1,4 +1,4 @@
-"""The Triton kernels and the CPU path's compiled kernels (hash, gather) against their twins.
+"""The Triton kernels, the CPU hash and the CPU gather against their twins.
 
 Without CUDA the kernels run on CPU tensors in Triton's interpreter, which Triton 3.9 picks when
 `@triton.jit` decorates a function, its own library included: TRITON_INTERPRET=1 must be set
@@ -391,10 +391,12 @@ def test_gate_kernel_refuses_bad_inputs():
 
 @pytest.fixture(params=["real_sizes", "tiny_sizes"])
 def cpu_gather_sizes(request, monkeypatch):
-    """The real threshold, and a tiny one under which a few thousand rows are split over every
-    thread."""
+    """The real thresholds, and tiny ones under which a few thousand rows are split over every
+    thread, into many index_select chunks and FP8 decode pieces."""
     if request.param == "tiny_sizes":
         monkeypatch.setattr(cpu_gather, "_MIN_ROWS_PER_THREAD", 100)
+        monkeypatch.setattr(cpu_gather, "_TORCH_GRAIN", 1000)
+        monkeypatch.setattr(cpu_gather, "_DECODE_ROWS", 37)
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
@@ -415,23 +417,6 @@ def test_cpu_gather_equals_reference(cpu_gather_sizes, num_threads, dtype, shape
     got = gather_rows_cpu(table, ids, scale, num_threads=num_threads)
     assert got.dtype == torch.float32
     _assert_same_floats(got, ref.gather_rows(table, ids, scale))
-
-
-@pytest.mark.parametrize("num_threads", [1, 2])
-@pytest.mark.parametrize(
-    "dtype, shape",
-    [(torch.float32, (3000, 64)), (torch.bfloat16, (3000, 48)), (torch.uint8, (3000, 8)),
-     (torch.uint8, (3000, 1)), (torch.uint8, (3000, 3)), (torch.int32, (3000, 5, 2))],
-    ids=str,
-)  # fmt: skip
-def test_cpu_raw_gather_equals_index_select(cpu_gather_sizes, num_threads, dtype, shape):
-    """Rows of every word size (8, 4, 2, 1 bytes), scale columns included, as raw bits."""
-    table = torch.randint(0, 255, shape, generator=_gen(0)).to(dtype)
-    for ids in (torch.randint(0, shape[0], (9000,), generator=_gen(1)), torch.zeros(0).long()):
-        got = cpu_gather.gather_raw(table, ids, num_threads=num_threads)
-        assert got.dtype == dtype and torch.equal(got, table.index_select(0, ids))
-    with pytest.raises(IndexError, match="outside a table of 3000 rows"):
-        cpu_gather.gather_raw(table, torch.tensor([5, 3000]))
 
 
 def test_cpu_gather_writes_into_out_and_handles_strided_tables():

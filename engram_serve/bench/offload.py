@@ -11,7 +11,9 @@ tables in each tier in turn.
    backbone's, and every row is still read). Deleted afterwards unless `--keep`; a directory
    kept earlier with the same Engram is reused.
 2. Workload (bench/throughput.py): N sequences, prompt and output lengths uniform in
-   [low, high], random token ids, greedy, ignore_eos; output tokens per second.
+   [low, high], greedy, ignore_eos; output tokens per second. Prompts of random token ids
+   (every n-gram new: the cache's worst case), or with `--prompts text` windows of English
+   text, the cache starting from a hot set profiled on other text (see `text_workload`).
 3. Tiers, one engine each, same workload, after a small warm-up: device (tables copied into RAM:
    the baseline), disk with cache and prefetch (with and without the engine's look-ahead, which
    reads the next step's prompt rows during this step), disk with cache and no prefetch, disk
@@ -38,6 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engram_serve.bench.throughput import Workload, make_workload, run_engine
@@ -138,10 +141,48 @@ def cpu_waiting_s() -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the text workload
+
+
+def text_workload(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, Path]:
+    """Prompts of English text instead of random ids, and a row profile of other text.
+
+    The corpus is CPython's bundled documentation (pydoc topics), tokenized by the model's
+    tokenizer and cut in two: `engram-serve tables profile`'s counting runs over the first half
+    (the hot set the disk tier's cache starts with, as a deployment would profile its own
+    traffic), prompts are windows of the second half. Random ids never repeat an n-gram, so
+    every row is read once and no cache helps: that is the worst case; text is the use case.
+    """
+    from pydoc_data.topics import topics
+
+    from engram_serve.engine.compression import load_compression
+    from engram_serve.engine.ngram_hash import NgramHasher
+    from engram_serve.engine.tokenizer import Tokenizer
+    from engram_serve.model.tables import read_engram_config
+    from engram_serve.offload.cache import profile_rows
+
+    tokenizer = Tokenizer(model_dir)
+    corpus = np.array(tokenizer.encode("\n".join(topics.values())), dtype=np.int64)
+    half = len(corpus) // 2
+    hasher = NgramHasher(read_engram_config(model_dir), load_compression(tokenizer.hf_tokenizer))
+    documents = [corpus[i : i + 1024] for i in range(0, half, 1024)]
+    profile_path = model_dir / "text_profile.npz"
+    profile_rows(hasher, documents).save(profile_path)
+    rng = np.random.default_rng(args.seed)
+    prompt_lens = rng.integers(args.low, args.high + 1, size=args.num_seqs)
+    output_lens = rng.integers(args.low, args.high + 1, size=args.num_seqs)
+    starts = rng.integers(half, len(corpus) - args.high, size=args.num_seqs)
+    prompts = [corpus[s : s + n].tolist() for s, n in zip(starts, prompt_lens, strict=True)]
+    return Workload(prompts, output_lens.tolist()), profile_path
+
+
+# ---------------------------------------------------------------------------------------------
 # runs
 
 
-def tier_configs(args: argparse.Namespace) -> dict[str, tuple[OffloadConfig, bool]]:
+def tier_configs(
+    args: argparse.Namespace, hot_profile: Path | None = None
+) -> dict[str, tuple[OffloadConfig, bool]]:
     """name -> (offload config, look-ahead on)."""
     disk = OffloadConfig(
         tier="disk",
@@ -149,6 +190,7 @@ def tier_configs(args: argparse.Namespace) -> dict[str, tuple[OffloadConfig, boo
         cache_rows=args.cache_rows,
         num_io_threads=args.io_threads,
         cache_policy=args.policy,
+        hot_profile=None if hot_profile is None else str(hot_profile),
     )
     configs = {
         "device": (OffloadConfig(tier="device"), True),
@@ -319,6 +361,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tiers", nargs="+", choices=TIER_NAMES, default=list(TIER_NAMES))
     p.add_argument("--repeats", type=int, default=1, help="runs of every tier, interleaved")
     p.add_argument("--seed", type=int, default=0, help="the workload's")
+    p.add_argument("--prompts", choices=["random", "text"], default="random",
+                   help="random ids (every n-gram new: the worst case), or English text with "
+                        "a profiled hot set")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results/offload_engine"))
     return p.parse_args(argv)
 
@@ -362,15 +407,20 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=2 * args.high + 8,
     )
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    workload = make_workload(args.num_seqs, args.low, args.high, vocab, seed=args.seed)
+    hot_profile = None
+    if args.prompts == "text":
+        workload, hot_profile = text_workload(args, model_dir)
+    else:
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        workload = make_workload(args.num_seqs, args.low, args.high, vocab, seed=args.seed)
     print(
-        f"tables {table_bytes / 2**30:.2f} GiB in {model_dir}; {args.num_seqs} sequences, "
-        f"{workload.num_prompt_tokens} prompt + {workload.num_output_tokens} output tokens; "
+        f"tables {table_bytes / 2**30:.2f} GiB in {model_dir}; {args.num_seqs} sequences of "
+        f"{args.prompts} prompts, {workload.num_prompt_tokens} prompt + "
+        f"{workload.num_output_tokens} output tokens; "
         f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
         flush=True,
     )
-    tiers = tier_configs(args)
+    tiers = tier_configs(args, hot_profile)
     results = []
     for _ in range(args.repeats):
         for name, (offload, lookahead) in tiers.items():

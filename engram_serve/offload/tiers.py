@@ -35,7 +35,6 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from engram_serve.kernels.cpu_gather import gather_raw
 from engram_serve.kernels.reference import as_bytes, dequantize_rows
 from engram_serve.offload import pinned
 
@@ -203,9 +202,6 @@ class DeviceStore:
         self.mode = "uva" if tier == "host" and weight.is_cuda else "direct"
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if ids.device.type == "cpu":  # prefetching, huge-page aware (kernels/cpu_gather.py)
-            scale = None if self.scale is None else gather_raw(self.scale, ids)
-            return gather_raw(self.weight, ids), scale
         scale = None if self.scale is None else self.scale.index_select(0, ids)
         return self.weight.index_select(0, ids), scale
 
