@@ -391,12 +391,10 @@ def test_gate_kernel_refuses_bad_inputs():
 
 @pytest.fixture(params=["real_sizes", "tiny_sizes"])
 def cpu_gather_sizes(request, monkeypatch):
-    """The real thresholds, and tiny ones under which a few thousand rows are split over every
-    thread, into many index_select chunks and FP8 decode pieces."""
+    """The real threshold, and a tiny one under which a few thousand rows are split over every
+    thread."""
     if request.param == "tiny_sizes":
         monkeypatch.setattr(cpu_gather, "_MIN_ROWS_PER_THREAD", 100)
-        monkeypatch.setattr(cpu_gather, "_TORCH_GRAIN", 1000)
-        monkeypatch.setattr(cpu_gather, "_DECODE_ROWS", 37)
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])

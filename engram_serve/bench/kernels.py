@@ -5,9 +5,9 @@ rows of a table far larger than the caches (256-byte rows: 64 float32 values), p
 V4.1 format (256 FP8 bytes + 8 UE8M0 scales a row) against the reference twin. Both read the
 table where the tiers keep it (offload/pinned.py's HostMemory, on transparent huge pages);
 `index_select_4k_pages` reads a copy on 4 KiB pages, to show what the pages give apart from
-what the kernel gives. Every method sees the same id sets, fresh ones each repeat
-(so no repeat finds the previous repeat's rows in cache), run in turn within each repeat (so
-a busy machine slows them alike), in rotating order. Two scenarios: `alone`, and
+what the kernel gives. Every method reads ids drawn the same way, fresh ones each
+time (rows read before would be in cache), in turn within each repeat (so a busy machine
+slows them alike), in rotating order. Two scenarios: `alone`, and
 `beside_forward`, with matmuls running on torch's threads meanwhile, as the engine's CPU
 prefetch gathers rows while the model computes.
 
@@ -55,12 +55,13 @@ def _median_min(times: list[float]) -> dict[str, float]:
 
 
 def _race(methods: dict[str, Callable[[torch.Tensor], object]], id_sets: list[torch.Tensor]):
-    """Time every method on every id set, in turn, the order rotating from set to set (a method
-    run right after torch's OpenMP threads is slowed while they spin); the first set warms up."""
+    """Time every method in turn, each on its own id sets (ids another method just read would
+    be in cache), the order rotating from repeat to repeat; the first repeat warms up."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
-    for i, ids in enumerate(id_sets):
+    for i in range(len(id_sets) // len(names)):
         for name in names[i % len(names) :] + names[: i % len(names)]:
+            ids = id_sets[i * len(names) + names.index(name)]
             start = time.perf_counter()
             methods[name](ids)
             if i:
@@ -191,8 +192,8 @@ def _cpu_cases(steps: _TextSteps, repeats: int, width: int, baseline_and_methods
     for scenario, context in SCENARIOS.items():
         for kind in ("uniform", "text"):
             for case, shape in STEPS.items():
-                id_sets = _id_sets(kind, steps, shape, repeats + 1)
-                methods = make_methods(torch.empty(len(id_sets[0]), width))
+                methods = make_methods(torch.empty(shape[0] * shape[1] * NUM_HEADS, width))
+                id_sets = _id_sets(kind, steps, shape, (repeats + 1) * len(methods))
                 want = methods[baseline](id_sets[0]).clone()
                 _check_same(want, methods["gather_rows_cpu"](id_sets[0]))
                 with context():

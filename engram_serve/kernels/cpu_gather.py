@@ -1,42 +1,100 @@
 """The CPU path's row gather: `reference.gather_rows` for tables far larger than the caches.
 
-A random row gather is bound by memory latency, not arithmetic. What this does about it:
-- Rows are copied whole, as wide words (a 256-byte row is 16 complex128 "words"), by
-  `torch.index_select`, whose contiguous path is one memcpy per row and releases the GIL.
-- The ids are split into contiguous runs, one per thread (the caller is one of them; large
-  batches only), and each run is gathered in chunks below index_select's parallel grain, so
-  every call runs inline on its thread. Torch's OpenMP fork/join is avoided on purpose: when
-  the cores are busy (the engine gathers while the model computes) one descheduled OpenMP
-  thread stalls the whole call; we measured plain index_select 3-250x slower then. On an idle
-  machine plain index_select is as fast or faster (bench/kernels.py has both).
-- FP8 rows are gathered as raw bytes, then decoded through exact 256-entry float32 tables
-  (NumPy `take`) in cache-sized pieces, instead of torch's FP8 cast or a per-value int64 index:
-  6-12x faster than the reference twin.
+A random row gather is bound by memory latency, not arithmetic: each row is a DRAM miss, and on
+4 KiB pages a TLB miss too (offload/pinned.py maps tables with transparent huge pages, which
+removes most of the latter). What this does about the rest:
+- numba kernels copy each row as wide words and prefetch the row `_PREFETCH_ROWS` ids ahead, so
+  many misses are in flight at once instead of the one or two a per-row memcpy loop overlaps.
+- FP8 rows are decoded in the same pass through exact 256-entry float32 tables (FP8-E4M3
+  values and UE8M0 scales), times their block's scale, as the reference computes them.
+- Large batches are split into contiguous runs of ids, one per thread (the caller is one of
+  them). The kernels release the GIL; torch's OpenMP fork/join is not involved, which matters
+  when the engine gathers while the model computes on the same cores.
+`python -m engram_serve.bench.kernels` measures it against `torch.index_select`.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.extending import intrinsic
 
 from engram_serve.kernels import reference
 
-# ATen runs an op inline (no OpenMP) below this many work items (at::internal::GRAIN_SIZE);
-# index_select counts rows x words of a row.
-_TORCH_GRAIN = 32768
 _MIN_ROWS_PER_THREAD = 8192  # below this a thread hand-off costs more than it saves
-_DECODE_ROWS = 256  # FP8 rows decoded per piece, so the raw bytes stay in cache
-_WORD_DTYPES = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
+_PREFETCH_ROWS = 32  # how far ahead rows are prefetched: enough misses to cover DRAM latency
+_CACHE_LINE = 64
+_WORDS = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}  # by size in bytes
 _FP8_LUT = reference.FP8_E4M3_TABLE.numpy()
 _UE8M0_LUT = reference.UE8M0_TABLE.numpy()
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    """LLVM's prefetch of the cache line at an integer address (read, keep in all levels)."""
+
+    def codegen(context, builder, signature, args):
+        i32, pointer = ir.IntType(32), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [pointer, i32, i32, i32])
+        prefetch = builder.module.declare_intrinsic("llvm.prefetch", [pointer], fnty)
+        builder.call(prefetch, [builder.inttoptr(args[0], pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return numba.types.void(numba.types.intp), codegen
+
+
+@numba.njit(inline="always")
+def _prefetch_row(table, row):
+    row_bytes = table.shape[1] * table.itemsize
+    address = table.ctypes.data + row * row_bytes
+    for line in range(0, row_bytes, _CACHE_LINE):
+        _prefetch(address + line)
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _gather_kernel(table, ids, out):
+    """out[i] = table[ids[i]] (rows of words)."""
+    for i in range(ids.shape[0]):
+        if i + _PREFETCH_ROWS < ids.shape[0]:
+            _prefetch_row(table, ids[i + _PREFETCH_ROWS])
+        row = ids[i]
+        for w in range(table.shape[1]):
+            out[i, w] = table[row, w]
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _gather_fp8_kernel(rows, scales, ids, fp8_lut, ue8m0_lut, out):
+    """out[i, w] = fp8(rows[ids[i], w]) * ue8m0(scales[ids[i], w // block]) in float32."""
+    block = rows.shape[1] // scales.shape[1]
+    for i in range(ids.shape[0]):
+        if i + _PREFETCH_ROWS < ids.shape[0]:
+            _prefetch_row(rows, ids[i + _PREFETCH_ROWS])
+            _prefetch_row(scales, ids[i + _PREFETCH_ROWS])
+        row = ids[i]
+        for b in range(scales.shape[1]):
+            scale = ue8m0_lut[scales[row, b]]
+            for j in range(block):
+                out[i, b * block + j] = fp8_lut[rows[row, b * block + j]] * scale
+
+
+@numba.njit(nogil=True, cache=True)
+def _id_span(ids):
+    """(min, max) of the ids in one pass; (0, -1) when there are none."""
+    low, high = (ids[0], ids[0]) if ids.shape[0] else (0, -1)
+    for i in range(ids.shape[0]):
+        low, high = min(low, ids[i]), max(high, ids[i])
+    return low, high
 
 
 def gather_rows_cpu(
@@ -55,27 +113,38 @@ def gather_rows_cpu(
     `[...]`; out float32 `[..., W]` contiguous, or None. num_threads: None uses torch's count.
     """
     is_fp8 = _check_inputs(table, row_ids, scale, block)
-    ids = row_ids.reshape(-1).to(torch.int64).contiguous()  # [n]
-    _check_ids(ids, table.shape[0])
+    ids = _ids_array(row_ids, table.shape[0])
     width = table.shape[1]
     out = _output(out, (*row_ids.shape, width))
     if not table.is_contiguous() or (is_fp8 and not scale.is_contiguous()):
         return out.copy_(reference.gather_rows(table, row_ids, scale, block))
-    threads = _thread_count(ids.shape[0], num_threads)
-    out_rows = out.view(-1, width)  # [n, W]
-    if table.dtype == torch.float32:
-        _gather_raw([(table, out_rows)], ids, threads)
-    elif not is_fp8:  # bf16/fp16: gather the 16-bit values, widen them in one pass
-        staged = torch.empty(ids.shape[0], width, dtype=table.dtype)
-        _gather_raw([(table, staged)], ids, threads)
-        out_rows.copy_(staged)
-    else:
-        rows, scales = reference.as_bytes(table), reference.as_bytes(scale)
-        staged_rows = torch.empty(ids.shape[0], width, dtype=torch.uint8)
-        staged_scales = torch.empty(ids.shape[0], width // block, dtype=torch.uint8)
-        _gather_raw([(rows, staged_rows), (scales, staged_scales)], ids, threads)
-        _decode_fp8(staged_rows.numpy(), staged_scales.numpy(), block, out_rows.numpy())
+    if not len(ids):
+        return out
+    threads = _thread_count(len(ids), num_threads)
+    dst = out.numpy().reshape(len(ids), width)  # [n, W]
+    if is_fp8:
+        rows, scales = _bits(table), _bits(scale)
+
+        def gather(lo: int, hi: int) -> None:
+            _gather_fp8_kernel(rows, scales, ids[lo:hi], _FP8_LUT, _UE8M0_LUT, dst[lo:hi])
+
+        _run_split(len(ids), threads, gather)
+    elif table.dtype == torch.float32:
+        _gather_words(_bits(table), ids, dst, threads)
+    else:  # bf16/fp16: gather the 16-bit values, widen them in one pass
+        staged = np.empty((len(ids), width), dtype=np.int16)
+        _gather_words(_bits(table), ids, staged, threads)
+        out.view(-1, width).copy_(torch.from_numpy(staged).view(table.dtype))
     return out
+
+
+def _gather_words(src: np.ndarray, ids: np.ndarray, dst: np.ndarray, threads: int) -> None:
+    """dst[i] = src[ids[i]] for C-contiguous arrays `[R, ...]` and `[n, ...]`, as raw words."""
+    src, dst = _as_words(src), _as_words(dst)
+    if threads == 1:
+        _gather_kernel(src, ids, dst)
+    else:
+        _run_split(len(ids), threads, lambda lo, hi: _gather_kernel(src, ids[lo:hi], dst[lo:hi]))
 
 
 def _check_inputs(
@@ -111,13 +180,13 @@ def _output(out: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def _check_ids(ids: torch.Tensor, num_rows: int) -> None:
-    flat = ids.numpy()  # NumPy's reductions run inline, torch's would fork OpenMP threads
-    if flat.size and (flat.min() < 0 or flat.max() >= num_rows):
-        raise IndexError(
-            f"row ids span [{int(flat.min())}, {int(flat.max())}], "
-            f"outside a table of {num_rows} rows"
-        )
+def _ids_array(row_ids: torch.Tensor, num_rows: int) -> np.ndarray:
+    """Flat int64 ids, checked to lie in [0, num_rows)."""
+    ids = np.ascontiguousarray(row_ids.numpy().reshape(-1), dtype=np.int64)
+    low, high = _id_span(ids)
+    if low < 0 or high >= num_rows:
+        raise IndexError(f"row ids span [{low}, {high}], outside a table of {num_rows} rows")
+    return ids
 
 
 def _thread_count(num_rows: int, num_threads: int | None) -> int:
@@ -125,31 +194,19 @@ def _thread_count(num_rows: int, num_threads: int | None) -> int:
     return max(1, min(wanted, num_rows // _MIN_ROWS_PER_THREAD))
 
 
-def _as_words(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous `[R, B]`-byte-row tensor viewed as `[R, B / s]` of the widest s-byte type
-    dividing the row and the address: fewer, wider elements per row for index_select."""
-    raw = t.view(torch.uint8) if t.dtype != torch.uint8 else t
-    row_bytes = raw.shape[1]
-    for dtype in _WORD_DTYPES:
-        size = dtype.itemsize
-        if row_bytes % size == 0 and raw.data_ptr() % size == 0:
-            return raw.view(dtype)
-    raise AssertionError("uint8 always fits")
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as NumPy, through a same-size integer type for the dtypes NumPy
+    lacks (bf16, FP8)."""
+    if t.dtype in (torch.float32, torch.uint8):
+        return t.numpy()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
 
 
-def _gather_raw(pairs: list[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor, threads: int):
-    """dst[i] = src[ids[i]] for every (src [R, B bytes], dst [n, B bytes]) pair, as raw bytes,
-    over `threads` contiguous runs of ids."""
-    words = [(_as_words(src), _as_words(dst)) for src, dst in pairs]
-
-    def gather(lo: int, hi: int) -> None:
-        for src, dst in words:
-            chunk = max(1, (_TORCH_GRAIN - 1) // max(1, src.shape[1]))
-            for start in range(lo, hi, chunk):
-                stop = min(hi, start + chunk)
-                torch.index_select(src, 0, ids[start:stop], out=dst[start:stop])
-
-    _run_split(len(ids), threads, gather)
+def _as_words(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array `[R, ...]` as `[R, B / s]` of the widest unsigned type (s = 8, 4, 2
+    or 1 bytes) dividing the row's B bytes."""
+    raw = a.reshape(a.shape[0], -1).view(np.uint8)
+    return raw.view(_WORDS[math.gcd(raw.shape[1], 8)])
 
 
 def _run_split(n: int, threads: int, fn: Callable[[int, int], None]) -> None:
@@ -179,16 +236,3 @@ def _workers(count: int) -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(count, thread_name_prefix="engram-gather")
             _pool_size = count
         return _pool
-
-
-def _decode_fp8(rows: np.ndarray, scales: np.ndarray, block: int, out: np.ndarray) -> None:
-    """out = fp8(rows) * ue8m0(scales) per block: exact table lookups, then the same float32
-    product the reference computes (inf/NaN included)."""
-    n, width = rows.shape
-    with np.errstate(over="ignore", invalid="ignore"):
-        for lo in range(0, n, _DECODE_ROWS):
-            hi = min(n, lo + _DECODE_ROWS)
-            dst = out[lo:hi]  # [p, W]
-            np.take(_FP8_LUT, rows[lo:hi], out=dst, mode="wrap")  # bytes are < 256
-            blocks = dst.reshape(hi - lo, width // block, block)
-            np.multiply(blocks, _UE8M0_LUT[scales[lo:hi]][..., None], out=blocks)
