@@ -21,13 +21,12 @@ fill host staging arrays in worker threads.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from engram_serve.kernels.reference import as_bytes, dequantize_rows
-from engram_serve.offload import pinned
+from engram_serve.offload import pinned, pread
 
 Tier = Literal["device", "host", "disk"]
 TIERS: tuple[str, ...] = ("device", "host", "disk")
@@ -183,6 +182,13 @@ def decode_rows(
 # stores
 
 
+def wait_reads(futures: list[Future]) -> None:
+    """Wait for every read, then raise the first failure: the caller may reuse the buffers."""
+    wait(futures)
+    for future in futures:
+        future.result()
+
+
 class DeviceStore:
     """A whole table in memory the output device reads directly: HBM (device tier), RAM (CPU),
     or mapped pinned host memory read in place over UVA (host tier on CUDA)."""
@@ -224,12 +230,17 @@ class StagedStore:
 
     def read(self, ids: np.ndarray, weight_out: np.ndarray, scale_out: np.ndarray | None) -> None:
         """weight_out[i] = row ids[i]'s stored values (scale_out likewise), split over the pool."""
-        workers = self.io_pool._max_workers
-        chunk = max(self.min_chunk_rows, -(-len(ids) // workers))
-        if len(ids) <= chunk:
+        if len(ids) <= self._chunk_rows(len(ids)):
             self._read_chunk(ids, weight_out, scale_out)
-            return
-        futures = [
+        else:
+            wait_reads(self.submit_reads(ids, weight_out, scale_out))
+
+    def submit_reads(
+        self, ids: np.ndarray, weight_out: np.ndarray, scale_out: np.ndarray | None
+    ) -> list[Future]:
+        """`read`, started on the pool and returned at once: wait on it with `wait_reads`."""
+        chunk = self._chunk_rows(len(ids))
+        return [
             self.io_pool.submit(
                 self._read_chunk,
                 ids[s : s + chunk],
@@ -238,9 +249,9 @@ class StagedStore:
             )
             for s in range(0, len(ids), chunk)
         ]
-        wait(futures)  # every chunk done before the caller may reuse the staging, even on error
-        for f in futures:
-            f.result()
+
+    def _chunk_rows(self, num_rows: int) -> int:
+        return max(self.min_chunk_rows, -(-num_rows // self.io_pool._max_workers))
 
     def _read_chunk(
         self, ids: np.ndarray, weight_out: np.ndarray, scale_out: np.ndarray | None
@@ -279,7 +290,8 @@ class HostGatherStore(StagedStore):
 
 
 class DiskStore(StagedStore):
-    """Disk tier: the table file, one pread per row by worker threads.
+    """Disk tier: the table file, one pread per row by worker threads, compiled and without
+    the GIL (offload/pread.py).
 
     `direct`: O_DIRECT, each row read as the 4 KiB blocks that hold it into a per-thread
     aligned bounce buffer, so no read is served by (or fills) the OS page cache. Otherwise
@@ -308,43 +320,46 @@ class DiskStore(StagedStore):
         scale_bytes = 0 if self.scale is None else self.scale.nbytes
         super().__init__(io_pool, {"disk": table.rows * self.row_bytes, "host": scale_bytes})
         self.mode = "pread-direct" if direct else "pread"
+        self.block = BLOCK if direct else 1
         self._local = threading.local()
-        self._span = (-(-(self.row_bytes + BLOCK - 1) // BLOCK) + 1) * BLOCK
 
-    def _bounce(self) -> memoryview:
+    def _bounce(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, self._span)  # page-aligned, as O_DIRECT needs
-        return memoryview(buf)
+            buf = self._local.buf = pread.bounce_buffer(self.row_bytes, self.block)
+        return buf
 
     def _read_chunk(
         self, ids: np.ndarray, weight_out: np.ndarray, scale_out: np.ndarray | None
     ) -> None:
         rows = weight_out.view(np.uint8).reshape(len(ids), self.row_bytes)
-        offsets = (self.offset + ids * self.row_bytes).tolist()
-        try:
-            self._pread_rows(offsets, rows)
-        except TableReadError:
-            raise
-        except OSError as e:  # EIO and the like, named after the file
-            raise TableReadError(e.errno, f"{self.path}: read failed: {e.strerror or e}") from e
+        offsets = self.offset + ids.astype(np.int64) * self.row_bytes
+        bounce, done = self._bounce(), 0
+        while done < len(ids):
+            failed = pread.pread_rows(
+                self.fd, offsets[done:], self.row_bytes, self.block, bounce, rows[done:]
+            )
+            if failed < 0:
+                break
+            done += failed
+            self._read_row(int(offsets[done]), rows[done], bounce)  # raises the real error
+            done += 1
         if scale_out is not None:
             np.take(self.scale, ids, axis=0, out=scale_out)
 
-    def _pread_rows(self, offsets: list[int], rows: np.ndarray) -> None:
-        """rows[i] = the row at file offset offsets[i]; a short read is a TableReadError."""
-        if self.direct:
-            bounce = self._bounce()
-            for i, off in enumerate(offsets):
-                start = off - off % BLOCK
-                length = -(-(off + self.row_bytes - start) // BLOCK) * BLOCK
-                if os.preadv(self.fd, [bounce[:length]], start) < off - start + self.row_bytes:
-                    raise self._short_read(off)
-                rows[i] = np.frombuffer(bounce, np.uint8, self.row_bytes, off - start)
-        else:
-            for i, off in enumerate(offsets):
-                if os.preadv(self.fd, [rows[i]], off) != self.row_bytes:
-                    raise self._short_read(off)
+    def _read_row(self, offset: int, row: np.ndarray, bounce: np.ndarray) -> None:
+        """One row through Python, after the compiled reader reported it: the read again,
+        which either succeeds (a transient failure) or raises a TableReadError naming why."""
+        start = offset - offset % self.block
+        skip = offset - start
+        length = -(-(skip + self.row_bytes) // self.block) * self.block
+        try:
+            got = os.preadv(self.fd, [memoryview(bounce)[:length]], start)
+        except OSError as e:  # EIO and the like, named after the file
+            raise TableReadError(e.errno, f"{self.path}: read failed: {e.strerror or e}") from e
+        if got < skip + self.row_bytes:
+            raise self._short_read(offset)
+        row[:] = bounce[skip : skip + self.row_bytes]
 
     def _short_read(self, offset: int) -> TableReadError:
         return TableReadError(
