@@ -6,7 +6,10 @@ Engram layer.
     h = engram(h, rows.wait(layer_id))    # float32 [T, C, W]; the only blocking point
 
 One layer's fetch (LayerFetcher.fetch), in a worker thread per layer (prefetch on) or inside
-wait() (prefetch off):
+wait() (prefetch off); on a CPU device reading a staged store (disk, host-staged), split by
+LayerFetcher.begin: steps 1-2 start in the engine thread at step start, the reads run on the
+I/O threads, and the rest runs inside wait() (threads doing Python work beside the forward pass
+cost more than they hid on 2 cores):
     1. unique row ids of the step (dedupe) -> cache lookup, pinning the hits;
     2. misses read from the backing tier: by device index (device, UVA), or by CPU threads into
        reused host staging, then one non-blocking copy to the device;
@@ -18,7 +21,9 @@ makes the current stream wait on it. Time blocked in wait() is the stall.
 Warm-up (prefetch and a cache both on): `prefetcher.warm(row_ids)` reads rows a later step will
 likely want (the engine's next prompt chunks) into each layer's cache and returns at once. Each
 layer's jobs run in submission order, so a warm-up starts after this step's fetch of that layer
-(it never delays it) and ends before the next step's fetch starts (no row is read twice).
+(it never delays it) and ends before the next step's fetch starts (no row is read twice). In the
+split mode a warm-up's reads start at once, skip the rows this step's fetch is reading, and
+enter the cache at the next step's start.
 """
 
 from __future__ import annotations
