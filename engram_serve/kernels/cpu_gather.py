@@ -215,15 +215,9 @@ def _run_split(n: int, threads: int, fn: Callable[[int, int], None]) -> None:
         return fn(0, n)
     bounds = [n * i // threads for i in range(threads + 1)]
     pool = _workers(threads - 1)
-    # Inference mode is per thread: workers writing into buffers the caller made under it (the
-    # engine's step) must enter it too.
-    inference = torch.is_inference_mode_enabled()
-
-    def run(lo: int, hi: int) -> None:
-        with torch.inference_mode(inference):
-            fn(lo, hi)
-
-    futures = [pool.submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True)]
+    # The kernels write through NumPy views: no torch op runs in a worker (so none is affected
+    # by the caller's inference mode, which is per thread).
+    futures = [pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True)]
     fn(bounds[0], bounds[1])
     for future in futures:
         future.result()

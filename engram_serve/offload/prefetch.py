@@ -527,7 +527,8 @@ class Prefetcher:
         self.splits = (
             offload.prefetch
             and device.type == "cpu"
-            and any(not f.store.reads_on_device for f in fetchers.values())
+            and bool(fetchers)
+            and all(not f.store.reads_on_device for f in fetchers.values())
         )
         self.pool = (  # two threads a layer: a step's fetch and the next step's warm-up
             ThreadPoolExecutor(2 * len(fetchers), thread_name_prefix="engram-prefetch")
