@@ -99,3 +99,19 @@ def test_prometheus_scrapes_latency_and_engram_metrics(server, prometheus):
     assert _query(prometheus, "sum(engram_serve_engram_table_bytes)") > 0
     assert _query(prometheus, "sum(engram_serve_engram_prefetch_stall_seconds_count)") > 0
     assert _query(prometheus, 'engram_serve_num_requests_running{model_name="smol-prom"}') == 0
+
+
+def test_every_series_exists_at_zero_before_the_first_request():
+    """Dashboards show 0, not "no data", on a server that has served nothing yet."""
+    from prometheus_client import generate_latest
+
+    from engram_serve.server.metrics import FINISH_REASONS, ServerMetrics
+
+    text = generate_latest(ServerMetrics("m", max_model_len=64).registry).decode()
+    labels = 'model_name="m"'
+    for reason in FINISH_REASONS:
+        success = f'engram_serve_request_success_total{{finished_reason="{reason}",{labels}}}'
+        assert f"{success} 0.0" in text
+    for series in ("generation_tokens_total", "num_preemptions_total", "engram_read_errors_total",
+                   "time_to_first_token_seconds_count", "num_requests_running"):  # fmt: skip
+        assert f"engram_serve_{series}{{{labels}}} 0.0" in text

@@ -35,6 +35,7 @@ from engram_serve.engine.request import RequestOutput
 logger = logging.getLogger("engram_serve.stats")
 
 PREFIX = "engram_serve_"
+FINISH_REASONS = ("stop", "length", "abort", "error")  # request_success_total's label values
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -135,6 +136,15 @@ class ServerMetrics:
         self.generation_len = histogram(
             "request_generation_tokens", "Generated tokens per request.", lengths
         )
+        # Every series exists from the start, at 0: a dashboard shows 0 rather than "no data".
+        for metric in (
+            self.num_running, self.num_waiting, self.kv_usage, self.prompt_tokens,
+            self.generation_tokens, self.preemptions, self.read_errors, self.ttft, self.itl,
+            self.e2e, self.queue_time, self.prompt_len, self.generation_len,
+        ):  # fmt: skip
+            metric.labels(**self.labels)
+        for reason in FINISH_REASONS:
+            self.request_success.labels(**self.labels, finished_reason=reason)
 
     # -- called on the engine thread ------------------------------------------------------------
 
