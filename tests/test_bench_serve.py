@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_server_process import MODEL, ServeProcess
-from test_server_support import tiny_model_dir
+from test_server_support import MODEL, ServeProcess, tiny_model_dir
 
 from engram_serve.bench import serve as bench
 from engram_serve.bench.serve import RequestResult

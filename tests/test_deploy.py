@@ -26,8 +26,7 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from test_server_process import ServeProcess
-from test_server_support import free_port, wait_for
+from test_server_support import ServeProcess, free_port, wait_for
 
 from engram_serve.cli import build_parser, configs_from_args
 from engram_serve.server.api import SHUTDOWN_GRACE_S

@@ -3,63 +3,13 @@ metrics merged over several worker processes (prometheus multiprocess mode)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from test_server_support import free_port, metric, sse_data, wait_for
-
-import engram_serve
-
-MODEL = "smol-proc"
-REPO_ROOT = Path(engram_serve.__file__).resolve().parents[1]
-SMALL_ENGINE = ["--max-num-seqs", "4", "--kv-cache-bytes", str(128 << 20), "--max-model-len", "512"]
-
-
-class ServeProcess:
-    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None):
-        self.url = f"http://127.0.0.1:{(port := free_port())}"
-        self.log_path = tmp_path / "serve.log"
-        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "engram_serve.cli", "serve", "--port", str(port),
-                   "--served-model-name", MODEL, *SMALL_ENGINE, *args]  # fmt: skip
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": python_path, **(env or {})},
-            )  # fmt: skip
-        wait_for(self._healthy, timeout_s=120, interval_s=0.2)
-
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the server exited early:\n{self.log()}")
-        try:
-            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def refuses_connections(self) -> bool:
-        try:
-            httpx.get(f"{self.url}/health", timeout=1)
-        except httpx.ConnectError:
-            return True
-        except httpx.TransportError:
-            return False
-        return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+from test_server_support import MODEL, ServeProcess, metric, sse_data, wait_for
 
 
 @pytest.fixture
