@@ -69,6 +69,8 @@ def build_engine(
     if engine_config.num_threads:
         torch.set_num_threads(engine_config.num_threads)
     engram_config = read_engram_config(model_dir) if enable_engram else None
+    if engram_config is not None:  # a broken table fails in seconds, before the backbone loads
+        verify_tables(model_dir, full=False)
     dtype = getattr(torch, engine_config.dtype)
     net = load_model(model_dir, dtype=dtype, engram_config=engram_config)
     tokenizer = Tokenizer(model_dir)
@@ -94,7 +96,6 @@ def load_engram_modules(net: torch.nn.Module, path: Path) -> None:
 def _engram_runtime(model_dir, engram_config, tokenizer, offload_config) -> EngramRuntime:
     from engram_serve.offload.prefetch import build_prefetcher
 
-    verify_tables(model_dir, full=False)
     hasher = NgramHasher(engram_config, load_compression(tokenizer.hf_tokenizer))
     tables = {layer: open_table(model_dir, layer) for layer in engram_config.layer_ids}
     for layer, table in tables.items():
