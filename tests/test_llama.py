@@ -140,14 +140,23 @@ def reference_attention(q, k, v, scale):  # one sequence, contiguous: [L, H, hd]
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, -torch.inf).softmax(-1), v)
 
 
+SEQ_LENS = {
+    "five": ([9, 1, 17, 5, 12], [3, 1, 17, 1, 12]),
+    # Twelve of very different lengths, padded in one decode call to the longest.
+    "twelve": ([3, 40, 7, 1, 33, 18, 2, 25, 9, 38, 4, 12], [1, 5, 1, 1, 33, 1, 2, 1, 1, 4, 1, 1]),
+}
+
+
 @pytest.mark.parametrize("decode_only", [False, True])
-def test_paged_attention_matches_contiguous(decode_only):
+@pytest.mark.parametrize("lens", SEQ_LENS.values(), ids=SEQ_LENS.keys())
+def test_paged_attention_matches_contiguous(decode_only, lens):
     """Random sequences in a shuffled block pool: each output equals plain causal attention
     over that sequence's own contiguous K/V."""
     gen = torch.Generator().manual_seed(1)
     heads, kv_heads, hd, block_size = 6, 2, 8, 4
-    seq_lens = [9, 1, 17, 5, 12]
-    query_lens = [1] * 5 if decode_only else [3, 1, 17, 1, 12]
+    seq_lens, query_lens = lens
+    query_lens = [1] * len(seq_lens) if decode_only else query_lens
+    max_blocks = max(-(-n // block_size) for n in seq_lens)
     num_blocks = 1 + sum(-(-n // block_size) for n in seq_lens)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, hd, generator=gen)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, hd, generator=gen)
@@ -155,7 +164,7 @@ def test_paged_attention_matches_contiguous(decode_only):
     tables, slots, ks, vs = [], [], [], []
     for n, q_len in zip(seq_lens, query_lens, strict=True):
         blocks = [pool.pop() for _ in range(-(-n // block_size))]
-        tables.append(blocks + [0] * (5 - len(blocks)))
+        tables.append(blocks + [0] * (max_blocks - len(blocks)))
         flat = torch.tensor(
             [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
         )
