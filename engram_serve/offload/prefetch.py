@@ -183,21 +183,23 @@ class LayerFetcher:
             )
         if not self.dedupe:
             out = self._gather_decode(self.store.weight, self.store.scale, ids)
-            self._count(len(flat), len(flat), 0, {self.store.tier: len(flat)}, start)
+            self._count(len(flat), len(flat), 0, start)
             return out.view(num_tokens, num_cols, self.width)
         unique, inverse = np.unique(flat, return_inverse=True)
-        slots = self.cache.lookup(unique) if self.cache else np.full(len(unique), -1, np.int64)
+        slots = self._lookup(unique)
         try:
             out = self._fetch_unique(unique, inverse, slots)
         finally:
             if self.cache is not None:
                 self.cache.release(slots)
-        hits = int((slots >= 0).sum())
-        tiers = {self.store.tier: len(unique) - hits}
-        if self.cache is not None:
-            tiers["cache"] = hits
-        self._count(len(flat), len(unique), hits, tiers, start)
+        self._count(len(flat), len(unique), int((slots >= 0).sum()), start)
         return out.view(num_tokens, num_cols, self.width)
+
+    def _lookup(self, unique: np.ndarray) -> np.ndarray:
+        """Cache slots of `unique` ids, pinned until released (-1: a miss; all, with no cache)."""
+        if self.cache is None:
+            return np.full(len(unique), -1, np.int64)
+        return self.cache.lookup(unique)
 
     def _fetch_unique(
         self, unique: np.ndarray, inverse: np.ndarray, slots: np.ndarray
@@ -206,39 +208,50 @@ class LayerFetcher:
         miss_ids = unique[miss]
         staging = None if self.store.reads_on_device else self.staging.acquire(len(miss_ids))
         try:
-            if staging is None:
-                miss_w, miss_s = self.store.gather(self._to_device(miss_ids))
-            else:
-                miss_w, miss_s = self._read_staged(miss_ids, staging)
-            if self.cache is not None and len(miss_ids):
-                self._admit(miss_ids, miss_w, miss_s)
-            w, s = self._assemble(slots, miss, miss_w, miss_s)  # [m, W] stored rows
-            return self._gather_decode(w, s, inverse)  # [n, W]: a fresh tensor, not staging
+            return self._complete(unique, inverse, slots, miss, *self._read(miss_ids, staging))
         finally:
             self._release_staging(staging)
+
+    def _complete(
+        self,
+        unique: np.ndarray,
+        inverse: np.ndarray,
+        slots: np.ndarray,
+        miss: np.ndarray,
+        miss_w: torch.Tensor,
+        miss_s: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """With the misses `unique[miss]` read: offer them to the cache, assemble every unique
+        row and decode `[n, W]` (a fresh tensor, not staging)."""
+        if self.cache is not None and len(miss):
+            self._admit(unique[miss], miss_w, miss_s)
+        w, s = self._assemble(slots, miss, miss_w, miss_s)  # [m, W] stored rows
+        return self._gather_decode(w, s, inverse)
 
     def warm(self, ids: np.ndarray) -> None:
         """Read the rows of `ids` that the cache lacks into it, for a later step. Pins nothing
         beyond its own lookup; the rows may be evicted (or refused by LFU) like any miss."""
-        unique = np.unique(ids)
-        slots = self.cache.lookup(unique)
-        self.cache.release(slots)
-        miss_ids = unique[slots < 0]
+        miss_ids = self._uncached(ids)
         if not len(miss_ids):
             return
         staging = None if self.store.reads_on_device else self.staging.acquire(len(miss_ids))
         try:
-            if staging is None:
-                miss_w, miss_s = self.store.gather(self._to_device(miss_ids))
-            else:
-                miss_w, miss_s = self._read_staged(miss_ids, staging)
-            self._admit(miss_ids, miss_w, miss_s)
+            self._admit(miss_ids, *self._read(miss_ids, staging))
         finally:
             self._release_staging(staging)
+        self._count_warmed(len(miss_ids))
+
+    def _uncached(self, ids: np.ndarray) -> np.ndarray:
+        """The distinct ids the cache lacks now (a look-up that pins nothing)."""
+        unique = np.unique(ids)
+        slots = self.cache.lookup(unique)
+        self.cache.release(slots)
+        return unique[slots < 0]
+
+    def _count_warmed(self, rows: int) -> None:
         with self._lock:
-            self.counts["warmed"] += len(miss_ids)
-            tier = self.store.tier
-            self.rows_read[tier] = self.rows_read.get(tier, 0) + len(miss_ids)
+            self.counts["warmed"] += rows
+            self.rows_read[self.store.tier] = self.rows_read.get(self.store.tier, 0) + rows
 
     def begin(self, ids: np.ndarray) -> Callable[[], torch.Tensor]:
         """`fetch` for a CPU device and a staged store, in two halves: now, in the caller's
@@ -251,7 +264,7 @@ class LayerFetcher:
         self._finish_warm()  # rows read ahead during the last step become hits now
         num_tokens, num_cols = ids.shape
         unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
-        slots = self.cache.lookup(unique) if self.cache else np.full(len(unique), -1, np.int64)
+        slots = self._lookup(unique)
         miss = np.flatnonzero(slots < 0)
         staging = self.staging.acquire(len(miss))
         self._reading = unique[miss]
@@ -262,21 +275,14 @@ class LayerFetcher:
             start = time.perf_counter()
             try:
                 wait_reads(reads)
-                miss_w, miss_s = self._staged_tensors(staging, len(miss))
-                if self.cache is not None and len(miss):
-                    self._admit(unique[miss], miss_w, miss_s)
-                w, s = self._assemble(slots, miss, miss_w, miss_s)
-                out = self._gather_decode(w, s, inverse)
+                staged = self._staged_tensors(staging, len(miss))
+                out = self._complete(unique, inverse, slots, miss, *staged)
             finally:
                 self.staging.release(staging)
                 self._reading = np.empty(0, np.int64)
                 if self.cache is not None:
                     self.cache.release(slots)
-            hits = len(unique) - len(miss)
-            tiers = {self.store.tier: len(miss)}
-            if self.cache is not None:
-                tiers["cache"] = hits
-            self._count(ids.size, len(unique), hits, tiers, start - begun_s)
+            self._count(ids.size, len(unique), len(unique) - len(miss), start - begun_s)
             return out.view(num_tokens, num_cols, self.width)
 
         return finish
@@ -285,10 +291,7 @@ class LayerFetcher:
         """`warm` for `begin`'s mode: the reads start now, the rows enter the cache at the next
         `begin` (or `begin_warm`), in the caller's thread."""
         self._finish_warm()
-        unique = np.unique(ids)
-        slots = self.cache.lookup(unique)
-        self.cache.release(slots)
-        miss_ids = unique[slots < 0]
+        miss_ids = self._uncached(ids)
         miss_ids = miss_ids[~np.isin(miss_ids, self._reading, assume_unique=True)]  # read already
         if len(miss_ids):
             staging = self.staging.acquire(len(miss_ids))
@@ -310,10 +313,7 @@ class LayerFetcher:
             return
         finally:
             self.staging.release(staging)
-        with self._lock:
-            self.counts["warmed"] += len(miss_ids)
-            tier = self.store.tier
-            self.rows_read[tier] = self.rows_read.get(tier, 0) + len(miss_ids)
+        self._count_warmed(len(miss_ids))
 
     def _staging_views(
         self, staging: Staging, rows: int
@@ -358,16 +358,17 @@ class LayerFetcher:
         s = None if scale is None else scale.index_select(0, idx)
         return decode_rows(w, s, self.dtype, self.table.quant_block)
 
-    def _read_staged(
-        self, ids: np.ndarray, staging: Staging
+    def _read(
+        self, ids: np.ndarray, staging: Staging | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        k = len(ids)
-        w_host = staging.weight[:k]
-        s_host = None if staging.scale is None else staging.scale[:k]
-        self.store.read(ids, w_host, s_host)
-        w = as_torch(w_host, self.dtype).to(self.device, non_blocking=True)
-        s = None if s_host is None else torch.from_numpy(s_host).to(self.device, non_blocking=True)
-        return w, s
+        """Stored rows of `ids` on the device: by device index, or read into `staging` by the
+        CPU threads and sent on."""
+        if staging is None:
+            return self.store.gather(self._to_device(ids))
+        self.store.read(ids, *self._staging_views(staging, len(ids)))
+        w, s = self._staged_tensors(staging, len(ids))
+        w = w.to(self.device, non_blocking=True)
+        return w, None if s is None else s.to(self.device, non_blocking=True)
 
     def _assemble(
         self,
@@ -406,9 +407,12 @@ class LayerFetcher:
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
 
-    def _count(
-        self, lookups: int, unique: int, hits: int, tiers: dict[str, int], start: float
-    ) -> None:
+    def _count(self, lookups: int, unique: int, hits: int, start: float) -> None:
+        """One fetch: `unique` distinct rows looked up, `hits` of them served by the cache and
+        the rest by the store."""
+        tiers = {self.store.tier: unique - hits}
+        if self.cache is not None:
+            tiers["cache"] = hits
         with self._lock:
             self.counts["lookups"] += lookups
             self.counts["unique_rows"] += unique
@@ -747,16 +751,15 @@ def _warm(fetcher: LayerFetcher, profile: RowProfile, fraction: float) -> int:
     hot = hot[(hot >= 0) & (hot < fetcher.table.rows)]
     if not len(hot):
         return 0
-    if fetcher.store.reads_on_device:
-        w, s = fetcher.store.gather(torch.from_numpy(hot).to(fetcher.device))
-    else:
-        staging = fetcher.staging.acquire(len(hot))
-        try:
-            w, s = fetcher._read_staged(hot, staging)
+    staging = None if fetcher.store.reads_on_device else fetcher.staging.acquire(len(hot))
+    try:
+        w, s = fetcher._read(hot, staging)
+        if staging is not None:  # copies: the staging goes back to the pool
             w, s = w.clone(), None if s is None else s.clone()
             if fetcher.device.type == "cuda":
                 torch.cuda.synchronize(fetcher.device)
-        finally:
+    finally:
+        if staging is not None:
             fetcher.staging.release(staging)
     return cache.warm(hot, w, s, fraction)
 
