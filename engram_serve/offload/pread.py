@@ -21,6 +21,15 @@ _pread.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_ssiz
 _pread.restype = ctypes.c_ssize_t
 
 
+@numba.njit
+def row_span(offset, row_bytes, block):
+    """(start, skip, length): the `block`-aligned read holding the row at `offset`, and where
+    in it the row starts."""
+    start = offset - offset % block
+    skip = offset - start
+    return start, skip, (skip + row_bytes + block - 1) // block * block
+
+
 @numba.njit(nogil=True)  # not cached: numba cannot cache a ctypes function's address
 def pread_rows(fd, offsets, row_bytes, block, bounce, rows):
     """rows[i] = the `row_bytes` bytes at file offset offsets[i], each read as the `block`-aligned
@@ -28,10 +37,7 @@ def pread_rows(fd, offsets, row_bytes, block, bounce, rows):
     offsets must be aligned). Returns the first row whose read failed or came short, or -1."""
     address = bounce.ctypes.data
     for i in range(offsets.shape[0]):
-        offset = offsets[i]
-        start = offset - offset % block
-        skip = offset - start
-        length = (skip + row_bytes + block - 1) // block * block
+        start, skip, length = row_span(offsets[i], row_bytes, block)
         if _pread(fd, address, length, start) < skip + row_bytes:
             return i
         rows[i, :] = bounce[skip : skip + row_bytes]

@@ -350,9 +350,7 @@ class DiskStore(StagedStore):
     def _read_row(self, offset: int, row: np.ndarray, bounce: np.ndarray) -> None:
         """One row through Python, after the compiled reader reported it: the read again,
         which either succeeds (a transient failure) or raises a TableReadError naming why."""
-        start = offset - offset % self.block
-        skip = offset - start
-        length = -(-(skip + self.row_bytes) // self.block) * self.block
+        start, skip, length = pread.row_span(offset, self.row_bytes, self.block)
         try:
             got = os.preadv(self.fd, [memoryview(bounce)[:length]], start)
         except OSError as e:  # EIO and the like, named after the file
