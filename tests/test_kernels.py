@@ -459,3 +459,78 @@ def test_cpu_gather_threads_work_inside_inference_mode():
         out = torch.empty(20000, 64)
         got = gather_rows_cpu(table, ids, out=out, num_threads=2)
     torch.testing.assert_close(got, reference_gather(table, ids), rtol=0, atol=0)
+
+
+# --- CPU decode attention ----------------------------------------------------------------
+
+
+def _decode_case(seq_lens, heads, kv_heads, hd, block_size, seed):
+    """Queries and a shuffled block pool holding each sequence's context (block 0: padding)."""
+    gen = _gen(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = 1 + sum(blocks_per_seq)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, hd, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, hd, generator=gen)
+    pool = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    width = max(blocks_per_seq, default=1)
+    tables = [[pool.pop() for _ in range(n)] for n in blocks_per_seq]
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables]).view(-1, width)
+    q = 3 * torch.randn(len(seq_lens), heads, hd, generator=gen)  # peaked softmaxes too
+    return q, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "heads,kv_heads,hd", [(9, 3, 64), (6, 2, 8), (4, 4, 16), (5, 1, 24)], ids=str
+)
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize(
+    "seq_lens", [[1], [300], [1, 77, 5, 16, 17, 129, 2, 64], [40] * 11], ids=len
+)
+def test_cpu_decode_attention_equals_twin(num_threads, heads, kv_heads, hd, block_size, seq_lens):
+    from engram_serve.kernels.cpu_attention import decode_attention_cpu
+    from engram_serve.model.attention import decode_attention
+
+    q, k_cache, v_cache, tables, lens = _decode_case(seq_lens, heads, kv_heads, hd, block_size, 0)
+    got = decode_attention_cpu(q, k_cache, v_cache, tables, lens, 0.2, num_threads=num_threads)
+    want = decode_attention(q, k_cache, v_cache, tables, lens, max(seq_lens), 0.2)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_cpu_decode_attention_reads_nothing_past_a_sequences_length():
+    """Cache slots beyond each length (the rest of its last block, and padding block 0) hold NaN:
+    the output stays finite, so the kernel never read them."""
+    from engram_serve.kernels.cpu_attention import decode_attention_cpu
+
+    seq_lens = [5, 16, 1, 33]
+    q, k_cache, v_cache, tables, lens = _decode_case(seq_lens, 6, 2, 8, 16, 1)
+    used = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for s, n in enumerate(seq_lens):
+        for p in range(n):
+            used[tables[s, p // 16], p % 16] = True
+    k_cache[~used], v_cache[~used] = float("nan"), float("nan")
+    out = decode_attention_cpu(q, k_cache, v_cache, tables, lens, 0.3, num_threads=2)
+    assert out.isfinite().all()
+
+
+def test_cpu_decode_attention_handles_no_sequences_and_refuses_bad_inputs():
+    from engram_serve.kernels import cpu_attention
+    from engram_serve.kernels.cpu_attention import decode_attention_cpu
+
+    q, k_cache, v_cache, tables, lens = _decode_case([4, 9], 6, 2, 8, 4, 2)
+    empty = decode_attention_cpu(q[:0], k_cache, v_cache, tables[:0], lens[:0], 0.3)
+    assert empty.shape == (0, 6, 8)
+    assert not cpu_attention.supports(q.bfloat16(), k_cache.bfloat16())
+    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
+        decode_attention_cpu(q, k_cache, v_cache.half(), tables, lens, 0.3)
+    with pytest.raises(ValueError, match="does not fit caches"):
+        decode_attention_cpu(q[:, :5], k_cache, v_cache, tables, lens, 0.3)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        strided = k_cache.transpose(0, 1).contiguous().transpose(0, 1)
+        decode_attention_cpu(q, strided, v_cache, tables, lens, 0.3)
+    with pytest.raises(ValueError, match=r"seq_lens span \[0, 9\], outside \[1, 12\]"):
+        decode_attention_cpu(q, k_cache, v_cache, tables, torch.tensor([0, 9]), 0.3)
+    with pytest.raises(ValueError, match=r"seq_lens span \[4, 13\], outside \[1, 12\]"):
+        decode_attention_cpu(q, k_cache, v_cache, tables, torch.tensor([4, 13]), 0.3)
+    with pytest.raises(ValueError, match="outside the pool"):
+        decode_attention_cpu(q, k_cache, v_cache, tables + k_cache.shape[0], lens, 0.3)

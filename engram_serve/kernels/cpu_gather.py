@@ -7,18 +7,13 @@ removes most of the latter). What this does about the rest:
   many misses are in flight at once instead of the one or two a per-row memcpy loop overlaps.
 - FP8 rows are decoded in the same pass through exact 256-entry float32 tables (FP8-E4M3
   values and UE8M0 scales), times their block's scale, as the reference computes them.
-- Large batches are split into contiguous runs of ids, one per thread (the caller is one of
-  them). The kernels release the GIL; torch's OpenMP fork/join is not involved, which matters
-  when the engine gathers while the model computes on the same cores.
+- Large batches are split into contiguous runs of ids, one per thread (kernels/cpu_threads.py).
 `python -m engram_serve.bench.kernels` measures it against `torch.index_select`.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -27,6 +22,7 @@ from llvmlite import ir
 from numba.extending import intrinsic
 
 from engram_serve.kernels import reference
+from engram_serve.kernels.cpu_threads import run_split
 
 _MIN_ROWS_PER_THREAD = 8192  # below this a thread hand-off costs more than it saves
 _PREFETCH_ROWS = 32  # how far ahead rows are prefetched: enough misses to cover DRAM latency
@@ -34,10 +30,6 @@ _CACHE_LINE = 64
 _WORDS = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}  # by size in bytes
 _FP8_LUT = reference.FP8_E4M3_TABLE.numpy()
 _UE8M0_LUT = reference.UE8M0_TABLE.numpy()
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
 
 
 @intrinsic
@@ -128,7 +120,7 @@ def gather_rows_cpu(
         def gather(lo: int, hi: int) -> None:
             _gather_fp8_kernel(rows, scales, ids[lo:hi], _FP8_LUT, _UE8M0_LUT, dst[lo:hi])
 
-        _run_split(len(ids), threads, gather)
+        run_split(len(ids), threads, gather)
     elif table.dtype == torch.float32:
         _gather_words(_bits(table), ids, dst, threads)
     else:  # bf16/fp16: gather the 16-bit values, widen them in one pass
@@ -144,7 +136,7 @@ def _gather_words(src: np.ndarray, ids: np.ndarray, dst: np.ndarray, threads: in
     if threads == 1:
         _gather_kernel(src, ids, dst)
     else:
-        _run_split(len(ids), threads, lambda lo, hi: _gather_kernel(src, ids[lo:hi], dst[lo:hi]))
+        run_split(len(ids), threads, lambda lo, hi: _gather_kernel(src, ids[lo:hi], dst[lo:hi]))
 
 
 def _check_inputs(
@@ -207,26 +199,3 @@ def _as_words(a: np.ndarray) -> np.ndarray:
     or 1 bytes) dividing the row's B bytes."""
     raw = a.reshape(a.shape[0], -1).view(np.uint8)
     return raw.view(_WORDS[math.gcd(raw.shape[1], 8)])
-
-
-def _run_split(n: int, threads: int, fn: Callable[[int, int], None]) -> None:
-    """fn(lo, hi) over `threads` contiguous runs of [0, n), the caller taking the first."""
-    if threads == 1:
-        return fn(0, n)
-    bounds = [n * i // threads for i in range(threads + 1)]
-    pool = _workers(threads - 1)
-    # The kernels write through NumPy views: no torch op runs in a worker (so none is affected
-    # by the caller's inference mode, which is per thread).
-    futures = [pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True)]
-    fn(bounds[0], bounds[1])
-    for future in futures:
-        future.result()
-
-
-def _workers(count: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < count:
-            _pool = ThreadPoolExecutor(count, thread_name_prefix="engram-gather")
-            _pool_size = count
-        return _pool

@@ -6,8 +6,10 @@ p lives in slot `block_tables[s, p // block_size] * block_size + p % block_size`
 
 One call (per layer, per step) first writes the new tokens' K/V into their slots, then lets every
 sequence attend causally over its whole context: earlier tokens from the cache, new ones too.
-Decoding sequences (one new token) are batched into a single masked SDPA call; sequences with
-several new tokens (prefill chunks) run one SDPA call each.
+Decoding sequences (one new token) are batched into one call: on float32 CPU tensors the compiled
+kernel of kernels/cpu_attention.py, which reads the cache in place; otherwise `decode_attention`
+below, its pure-torch twin (one masked SDPA over contexts gathered and padded to the longest).
+Sequences with several new tokens (prefill chunks) run one SDPA call each.
 
 What must hold: block-table padding points at a real block (0), whose stale contents are masked
 out, so cache blocks must hold finite values (allocate the cache with zeros, not empty): a masked
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engram_serve.kernels import cpu_attention
 from engram_serve.model.batch import AttentionMetadata
 
 
@@ -33,7 +36,7 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, H, hd]
     write_kv(k_cache, v_cache, k, v, attn.slot_mapping)
     if attn.is_decode_only:  # one token per sequence: token s belongs to sequence s
-        return decode_attention(
+        return _decode(
             q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.max_seq_len, scale
         )
 
@@ -46,7 +49,7 @@ def paged_attention(
         seqs = torch.tensor(decoding, device=q.device)
         tokens = attn.query_start_loc[seqs]  # [S_dec]
         max_len = max(seq_lens[s] for s in decoding)
-        out[tokens] = decode_attention(
+        out[tokens] = _decode(
             q[tokens],
             k_cache,
             v_cache,
@@ -62,6 +65,14 @@ def paged_attention(
                 q[new], k[new], v[new], k_cache, v_cache, attn.block_tables[s], seq_lens[s], scale
             )
     return out
+
+
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, max_len, scale) -> torch.Tensor:
+    if cpu_attention.supports(q, k_cache):
+        return cpu_attention.decode_attention_cpu(
+            q, k_cache, v_cache, block_tables, seq_lens, scale
+        )
+    return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_len, scale)
 
 
 def write_kv(

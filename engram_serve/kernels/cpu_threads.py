@@ -1,0 +1,49 @@
+"""Splitting a compiled CPU kernel's work across threads without torch's OpenMP pool.
+
+The numba kernels release the GIL, so plain Python threads run them in parallel. Their work is cut
+into contiguous runs, one per thread, the caller taking the first. This stays out of torch's
+OpenMP fork/join, which matters when a kernel runs while the model computes on the same cores.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def run_split(
+    n: int, threads: int, fn: Callable[[int, int], None], costs: np.ndarray | None = None
+) -> None:
+    """fn(lo, hi) over `threads` contiguous runs of [0, n), the caller taking the first. The runs
+    hold equal numbers of items, or equal sums of `costs` (`[n]`, one per item) when given."""
+    if threads <= 1:
+        return fn(0, n)
+    if costs is None:
+        bounds = [n * i // threads for i in range(threads + 1)]
+    else:
+        total = np.cumsum(costs)
+        cuts = np.searchsorted(total, total[-1] * np.arange(1, threads) / threads)
+        bounds = [0, *cuts.tolist(), n]
+    pool = _workers(threads - 1)
+    # The kernels write through NumPy views: no torch op runs in a worker (so none is affected
+    # by the caller's inference mode, which is per thread).
+    futures = [pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True)]
+    fn(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+def _workers(count: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < count:
+            _pool = ThreadPoolExecutor(count, thread_name_prefix="engram-kernel")
+            _pool_size = count
+        return _pool
