@@ -70,9 +70,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, la
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether this kernel can run the call: float32 CPU tensors (numba has no bf16)."""
-    return (
-        q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
-    )
+    return q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
 
 
 def decode_attention_cpu(
@@ -87,7 +85,9 @@ def decode_attention_cpu(
     num_seqs, num_heads, hd = q.shape
     kv_heads = k_cache.shape[2]
     if not supports(q, k_cache) or v_cache.dtype != torch.float32:
-        raise ValueError(f"decode_attention_cpu needs float32 CPU tensors, got {q.dtype} {q.device}")
+        raise ValueError(
+            f"decode_attention_cpu needs float32 CPU tensors, got {q.dtype} {q.device}"
+        )
     if num_heads % kv_heads or k_cache.shape[3] != hd or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}"
