@@ -186,6 +186,36 @@ def test_stall_is_measured_and_staging_is_reused(model, tmp_path):
         assert layer["staging_allocations"] == 2  # allocated once, not per step
 
 
+def test_lookahead_reads_not_started_by_the_next_step_are_cancelled_not_waited_for(model):
+    """One I/O thread, held busy: layer 1's look-ahead reads finish before it is held, layer
+    4's queue behind it. The next step admits layer 1's rows (all hits), cancels layer 4's
+    instead of blocking on them (before, `begin` waited for every look-ahead read, so this
+    step would wait for the held thread), and reads layer 4's rows itself, each once."""
+    import threading
+
+    config, model_dir = model
+    tables = open_tables(model_dir, config.layer_ids)
+    rows = next(r for r in token_steps(config, 10) if r.shape[1] >= 8)
+    offload = OffloadConfig(tier="disk", cache_rows=4000, num_io_threads=1)
+    with build_prefetcher(config, tables, offload) as prefetcher:
+        assert prefetcher.splits
+        held = threading.Event()
+        fetchers = prefetcher.fetchers
+        fetchers[1].begin_warm(rows[0])
+        prefetcher.io_pool.submit(lambda: None).result()  # layer 1's reads are done
+        prefetcher.io_pool.submit(held.wait, 5)  # a held thread (let go after 5 s at most)
+        fetchers[4].begin_warm(rows[1])
+        handle = prefetcher.prefetch(rows)  # must not wait for the held thread
+        held.set()
+        for layer_id, layer_rows in zip(config.layer_ids, rows, strict=True):
+            assert_same_bits(handle.wait(layer_id), reference_rows(tables[layer_id], layer_rows))
+        layers = prefetcher.stats["layers"]
+    unique = [len(np.unique(r)) for r in rows]
+    assert layers[1]["warmed"] == unique[0] and layers[1]["cache_hits"] == unique[0]
+    assert layers[4]["warmed"] == 0 and layers[4]["cache_misses"] == unique[1]
+    assert layers[4]["rows_read"]["disk"] == unique[1]  # cancelled reads were never made
+
+
 # ---------------------------------------------------------------------------------------------
 # the cache
 

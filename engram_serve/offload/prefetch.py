@@ -52,6 +52,7 @@ from engram_serve.offload.tiers import (
     EngramTable,
     StagedStore,
     as_torch,
+    cancel_unstarted,
     decode_rows,
     device_store,
     host_store,
@@ -295,29 +296,33 @@ class LayerFetcher:
         miss_ids = miss_ids[~np.isin(miss_ids, self._reading, assume_unique=True)]  # read already
         if len(miss_ids):
             staging = self.staging.acquire(len(miss_ids))
-            reads = self.store.submit_reads(
-                miss_ids, *self._staging_views(staging, len(miss_ids))
-            )
+            reads = self.store.submit_reads(miss_ids, *self._staging_views(staging, len(miss_ids)))
             self._warm_reads = (miss_ids, staging, reads)
 
     def _finish_warm(self) -> None:
+        """Admit the rows read ahead. Reads not started by now are cancelled, not waited for:
+        the step about to begin reads what it needs itself, ahead of any later look-ahead."""
         if self._warm_reads is None:
             return
         miss_ids, staging, reads = self._warm_reads
         self._warm_reads = None
         try:
-            wait_reads(reads)
-            self._admit(miss_ids, *self._staged_tensors(staging, len(miss_ids)))
+            started = cancel_unstarted(reads)
+            wait_reads(started)
+            ids, (w, s) = miss_ids, self._staged_tensors(staging, len(miss_ids))
+            if len(started) < len(reads):  # some were cancelled: admit the rows read
+                positions = torch.arange(len(miss_ids))
+                read = torch.cat([positions[rows] for rows, _ in started] or [positions[:0]])
+                ids, w, s = miss_ids[read.numpy()], w[read], None if s is None else s[read]
+            self._admit(ids, w, s)
         except Exception:  # only a loss of speed: the step's own fetch reads these rows
             log.exception("warming Engram layer %d's cache failed", self.table.layer_id)
             return
         finally:
             self.staging.release(staging)
-        self._count_warmed(len(miss_ids))
+        self._count_warmed(len(ids))
 
-    def _staging_views(
-        self, staging: Staging, rows: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _staging_views(self, staging: Staging, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
         return staging.weight[:rows], None if staging.scale is None else staging.scale[:rows]
 
     def _staged_tensors(

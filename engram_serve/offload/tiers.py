@@ -182,11 +182,19 @@ def decode_rows(
 # stores
 
 
-def wait_reads(futures: list[Future]) -> None:
+Reads = list[tuple[slice, Future]]  # started reads: each fills the output rows of its slice
+
+
+def wait_reads(reads: Reads) -> None:
     """Wait for every read, then raise the first failure: the caller may reuse the buffers."""
-    wait(futures)
-    for future in futures:
+    wait([future for _, future in reads])
+    for _, future in reads:
         future.result()
+
+
+def cancel_unstarted(reads: Reads) -> Reads:
+    """Cancel the reads no thread has started yet; returns the others (running or done)."""
+    return [(rows, future) for rows, future in reads if not future.cancel()]
 
 
 class DeviceStore:
@@ -224,6 +232,7 @@ class StagedStore:
     tier = "host"
     mode = "staged"
     min_chunk_rows = 2048  # memory copies: a task must outweigh the executor's overhead
+    max_chunk_rows: int | None = None  # None: one task per thread
 
     def __init__(self, io_pool: ThreadPoolExecutor, table_bytes: dict[str, int]) -> None:
         self.io_pool, self.table_bytes = io_pool, table_bytes
@@ -237,21 +246,26 @@ class StagedStore:
 
     def submit_reads(
         self, ids: np.ndarray, weight_out: np.ndarray, scale_out: np.ndarray | None
-    ) -> list[Future]:
+    ) -> Reads:
         """`read`, started on the pool and returned at once: wait on it with `wait_reads`."""
         chunk = self._chunk_rows(len(ids))
+        spans = [slice(s, s + chunk) for s in range(0, len(ids), chunk)]
         return [
-            self.io_pool.submit(
-                self._read_chunk,
-                ids[s : s + chunk],
-                weight_out[s : s + chunk],
-                None if scale_out is None else scale_out[s : s + chunk],
+            (
+                rows,
+                self.io_pool.submit(
+                    self._read_chunk,
+                    ids[rows],
+                    weight_out[rows],
+                    None if scale_out is None else scale_out[rows],
+                ),
             )
-            for s in range(0, len(ids), chunk)
+            for rows in spans
         ]
 
     def _chunk_rows(self, num_rows: int) -> int:
-        return max(self.min_chunk_rows, -(-num_rows // self.io_pool._max_workers))
+        rows = max(self.min_chunk_rows, -(-num_rows // self.io_pool._max_workers))
+        return rows if self.max_chunk_rows is None else min(rows, self.max_chunk_rows)
 
     def _read_chunk(
         self, ids: np.ndarray, weight_out: np.ndarray, scale_out: np.ndarray | None
@@ -302,6 +316,9 @@ class DiskStore(StagedStore):
     tier = "disk"
     mode = "pread"
     min_chunk_rows = 4  # random reads: spread over every thread, many requests in flight
+    # A thread reads its chunk one row after another: long chunks of a look-ahead read would keep
+    # every thread busy for a whole step while the next step's own reads waited behind them.
+    max_chunk_rows = 32
 
     def __init__(self, table: EngramTable, io_pool: ThreadPoolExecutor, direct: bool = False):
         if table.path is None or table.data_offset is None:
