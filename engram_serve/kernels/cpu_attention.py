@@ -23,9 +23,9 @@ import numba
 import numpy as np
 import torch
 
-from engram_serve.kernels.cpu_threads import run_split
+from engram_serve.kernels.cpu_threads import run_split, thread_count
 
-_MIN_SEQS_PER_THREAD = 2  # below this a thread hand-off costs more than it saves
+_MIN_SEQS_PER_THREAD = 2
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
@@ -106,11 +106,9 @@ def decode_attention_cpu(
     if tables.min() < 0 or tables.max() >= k_cache.shape[0]:
         raise ValueError(f"block ids span [{tables.min()}, {tables.max()}], outside the pool")
     k_np, v_np, out_np = k_cache.numpy(), v_cache.numpy(), out.numpy()
-    wanted = torch.get_num_threads() if num_threads is None else num_threads
-    threads = max(1, min(wanted, num_seqs // _MIN_SEQS_PER_THREAD))
     run_split(
         num_seqs,
-        threads,
+        thread_count(num_seqs, _MIN_SEQS_PER_THREAD, num_threads),
         lambda lo, hi: _decode_kernel(q_np, k_np, v_np, tables, lens, scale, lo, hi, out_np),
         costs=lens,
     )

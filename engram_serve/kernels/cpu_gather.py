@@ -22,7 +22,7 @@ from llvmlite import ir
 from numba.extending import intrinsic
 
 from engram_serve.kernels import reference
-from engram_serve.kernels.cpu_threads import run_split
+from engram_serve.kernels.cpu_threads import run_split, thread_count
 
 _MIN_ROWS_PER_THREAD = 8192  # below this a thread hand-off costs more than it saves
 _PREFETCH_ROWS = 32  # how far ahead rows are prefetched: enough misses to cover DRAM latency
@@ -112,7 +112,7 @@ def gather_rows_cpu(
         return out.copy_(reference.gather_rows(table, row_ids, scale, block))
     if not len(ids):
         return out
-    threads = _thread_count(len(ids), num_threads)
+    threads = thread_count(len(ids), _MIN_ROWS_PER_THREAD, num_threads)
     dst = out.numpy().reshape(len(ids), width)  # [n, W]
     if is_fp8:
         rows, scales = _bits(table), _bits(scale)
@@ -133,10 +133,7 @@ def gather_rows_cpu(
 def _gather_words(src: np.ndarray, ids: np.ndarray, dst: np.ndarray, threads: int) -> None:
     """dst[i] = src[ids[i]] for C-contiguous arrays `[R, ...]` and `[n, ...]`, as raw words."""
     src, dst = _as_words(src), _as_words(dst)
-    if threads == 1:
-        _gather_kernel(src, ids, dst)
-    else:
-        run_split(len(ids), threads, lambda lo, hi: _gather_kernel(src, ids[lo:hi], dst[lo:hi]))
+    run_split(len(ids), threads, lambda lo, hi: _gather_kernel(src, ids[lo:hi], dst[lo:hi]))
 
 
 def _check_inputs(
@@ -179,11 +176,6 @@ def _ids_array(row_ids: torch.Tensor, num_rows: int) -> np.ndarray:
     if low < 0 or high >= num_rows:
         raise IndexError(f"row ids span [{low}, {high}], outside a table of {num_rows} rows")
     return ids
-
-
-def _thread_count(num_rows: int, num_threads: int | None) -> int:
-    wanted = torch.get_num_threads() if num_threads is None else num_threads
-    return max(1, min(wanted, num_rows // _MIN_ROWS_PER_THREAD))
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

@@ -12,10 +12,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
+
+
+def thread_count(num_items: int, min_per_thread: int, num_threads: int | None) -> int:
+    """Threads for `num_items` of work: `num_threads` (None: torch's count), but at least
+    `min_per_thread` items each, below which a thread hand-off costs more than it saves."""
+    wanted = torch.get_num_threads() if num_threads is None else num_threads
+    return max(1, min(wanted, num_items // min_per_thread))
 
 
 def run_split(

@@ -311,9 +311,11 @@ class LayerFetcher:
             wait_reads(started)
             ids, (w, s) = miss_ids, self._staged_tensors(staging, len(miss_ids))
             if len(started) < len(reads):  # some were cancelled: admit the rows read
-                positions = torch.arange(len(miss_ids))
-                read = torch.cat([positions[rows] for rows, _ in started] or [positions[:0]])
-                ids, w, s = miss_ids[read.numpy()], w[read], None if s is None else s[read]
+                read = np.zeros(len(miss_ids), bool)
+                for rows, _ in started:
+                    read[rows] = True
+                mask = torch.from_numpy(read)
+                ids, w, s = miss_ids[read], w[mask], None if s is None else s[mask]
             self._admit(ids, w, s)
         except Exception:  # only a loss of speed: the step's own fetch reads these rows
             log.exception("warming Engram layer %d's cache failed", self.table.layer_id)
