@@ -534,3 +534,68 @@ def test_cpu_decode_attention_handles_no_sequences_and_refuses_bad_inputs():
         decode_attention_cpu(q, k_cache, v_cache, tables, torch.tensor([4, 13]), 0.3)
     with pytest.raises(ValueError, match="outside the pool"):
         decode_attention_cpu(q, k_cache, v_cache, tables + k_cache.shape[0], lens, 0.3)
+
+
+# --- CPU small-batch linear ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64, 256])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 3), (576, 576), (1003, 77)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_equals_a_float64_product(
+    num_threads, rows, out_features, in_features, with_bias
+):
+    """Every shape the tiling splits differently: odd rows (a lone last row), N % 4 != 0 (a short
+    last tile), K too short to vectorize."""
+    from engram_serve.kernels.cpu_linear import linear_cpu
+
+    gen = _gen(rows * out_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    got = linear_cpu(x, weight, bias, num_threads=num_threads)
+    want = torch.nn.functional.linear(
+        x.double(), weight.double(), None if bias is None else bias.double()
+    )
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * in_features**0.5)
+
+
+def test_cpu_linear_takes_strided_inputs_and_trainable_weights():
+    from engram_serve.kernels.cpu_linear import linear_cpu
+
+    layer = torch.nn.Linear(40, 24)  # weight and bias require grad, outside inference mode
+    x = torch.randn(40, 5).t()  # [5, 40], not contiguous
+    got = linear_cpu(x, layer.weight, layer.bias)
+    torch.testing.assert_close(got, layer(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_linear_refuses_what_it_cannot_run():
+    from engram_serve.kernels import cpu_linear
+    from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_cpu
+
+    weight = torch.randn(8, 4)
+    assert not cpu_linear.supports(torch.randn(MAX_ROWS + 1, 4), weight)
+    assert not cpu_linear.supports(torch.randn(0, 4), weight)
+    assert not cpu_linear.supports(torch.randn(2, 4).bfloat16(), weight.bfloat16())
+    with pytest.raises(ValueError, match=f"x of 1..{MAX_ROWS} rows"):
+        linear_cpu(torch.randn(4), weight)
+    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
+        linear_cpu(torch.randn(2, 4), weight.double())
+    with pytest.raises(ValueError, match=r"x \(2, 5\) does not fit weight \(8, 4\)"):
+        linear_cpu(torch.randn(2, 5), weight)
+
+
+def test_model_linear_runs_the_kernel_up_to_max_rows_and_mkl_beyond():
+    from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_cpu
+    from engram_serve.model.linear import linear
+
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    for rows, twin in [(MAX_ROWS, linear_cpu), (MAX_ROWS + 1, torch.nn.functional.linear)]:
+        x = torch.randn(rows, 64)
+        assert torch.equal(linear(x, weight, bias), twin(x, weight, bias))
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(
+        linear(x, weight.bfloat16()), torch.nn.functional.linear(x, weight.bfloat16())
+    )

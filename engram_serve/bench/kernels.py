@@ -16,11 +16,17 @@ windows of English text, CPython's bundled documentation, tokenized by the embed
 tokenizer, compressed, and hashed by NgramHasher for 3 orders x 8 heads into the same table;
 repeated n-grams repeat rows, so the unique fraction is reported too).
 
+CPU linear (`--linear`): one forward's matrix multiplies of the default model (its 30 layers'
+fused q/k/v, o, fused gate/up and down weights, and the output head: 540 MB of float32) for
+batches of 1 to 256 rows, `F.linear` (MKL) against kernels/cpu_linear.py; weight GB/s and
+GFLOP/s. The weights are random (only their shapes matter) and, together, far larger than the
+caches, as in the model.
+
 GPU (skipped without CUDA): the Triton hash against NgramHasher (numba), the Triton gather from
 device memory and from pinned host memory (UVA) against torch indexing, the fused gate against
 its twin.
 
-`python -m engram_serve.bench.kernels [--table-gib 2] [--repeats 20] [--json out.json]`
+`python -m engram_serve.bench.kernels [--table-gib 2] [--repeats 20] [--linear] [--json out.json]`
 """
 
 from __future__ import annotations
@@ -246,6 +252,57 @@ def _summary(timed: dict, baseline: str, id_sets: list[torch.Tensor]) -> dict:
     return out
 
 
+LINEAR_ROWS = (1, 2, 4, 16, 64, 256)
+
+
+def bench_cpu_linear(repeats: int = 10) -> dict:
+    """Median and best time of the default model's matmuls, per batch size and method."""
+    import torch.nn.functional as F
+
+    from engram_serve.kernels.cpu_linear import linear_cpu
+    from engram_serve.llm import resolve_model_dir
+    from engram_serve.model.loader import load_model_config
+
+    c = load_model_config(resolve_model_dir(None))
+    d, hd = c.hidden_size, c.attn_head_dim
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+    shapes = [(qkv, d), (d, c.num_attention_heads * hd), (2 * c.intermediate_size, d)]
+    shapes = shapes + [(d, c.intermediate_size)]
+    gen = torch.Generator().manual_seed(0)
+    weights = [
+        torch.randn(shape, generator=gen) for _ in range(c.num_hidden_layers) for shape in shapes
+    ]
+    weights.append(torch.randn(c.vocab_size, d, generator=gen))
+    weight_bytes = sum(w.numel() for w in weights) * 4
+    results: dict = {"weight_mb": weight_bytes / 1e6, "threads": torch.get_num_threads()}
+    for rows in LINEAR_ROWS:
+        inputs = {k: torch.randn(rows, k, generator=gen) for k in {w.shape[1] for w in weights}}
+        times: dict[str, list[float]] = {"mkl": [], "cpu_linear": []}
+        for i in range(repeats + 1):  # in turn, so a busy machine slows both alike
+            for name, fn in (("mkl", F.linear), ("cpu_linear", linear_cpu)):
+                start = time.perf_counter()
+                for w in weights:
+                    fn(inputs[w.shape[1]], w)
+                if i:  # the first pass warms up (and compiles)
+                    times[name].append(time.perf_counter() - start)
+        entry = {name: _median_min(t) for name, t in times.items()}
+        for name in times:
+            seconds = entry[name]["median_ms"] / 1e3
+            entry[name]["weight_gb_s"] = weight_bytes / seconds / 1e9
+            entry[name]["gflop_s"] = 2 * rows * weight_bytes / 4 / seconds / 1e9
+        entry["speedup_median"] = entry["mkl"]["median_ms"] / entry["cpu_linear"]["median_ms"]
+        results[str(rows)] = entry
+        print(
+            f"  {rows:4d} rows  MKL {entry['mkl']['median_ms']:7.1f} ms "
+            f"({entry['mkl']['gflop_s']:5.1f} GFLOP/s, {entry['mkl']['weight_gb_s']:5.1f} GB/s)"
+            f"  cpu_linear {entry['cpu_linear']['median_ms']:7.1f} ms "
+            f"({entry['cpu_linear']['gflop_s']:5.1f} GFLOP/s, "
+            f"{entry['cpu_linear']['weight_gb_s']:5.1f} GB/s)  {entry['speedup_median']:4.2f}x",
+            flush=True,
+        )
+    return results
+
+
 def _cuda_time(fn: Callable[[], object], repeats: int) -> float:
     """Median milliseconds of `fn` on the current stream (CUDA events), after a warm-up."""
     fn()
@@ -351,8 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--linear", action="store_true", help="also the CPU linear kernel")
     args = parser.parse_args(argv)
     results = {}
+    if args.linear:
+        print(f"CPU linear, the default model's matmuls, {torch.get_num_threads()} threads")
+        results["cpu_linear"] = bench_cpu_linear(args.repeats)
     if not args.skip_cpu:
         results["cpu_gather"] = cpu = bench_cpu_gather(args.table_gib, args.repeats)
         print(

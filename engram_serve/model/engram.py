@@ -27,6 +27,7 @@ from torch import nn
 
 from engram_serve.config import EngramConfig
 from engram_serve.kernels.reference import dequantize_blocks, engram_gate
+from engram_serve.model.linear import Linear
 
 CONV_NORM_EPS = 1e-5  # the reference demo's ShortConv norms
 
@@ -162,9 +163,9 @@ class EngramDemo(nn.Module):
         super().__init__()
         self.config, self.hidden_size, self.hc_mult = config, hidden_size, config.hc_mult
         self.key_projs = nn.ModuleList(
-            nn.Linear(config.engram_dim, hidden_size) for _ in range(config.hc_mult)
+            Linear(config.engram_dim, hidden_size) for _ in range(config.hc_mult)
         )
-        self.value_proj = nn.Linear(config.engram_dim, hidden_size)
+        self.value_proj = Linear(config.engram_dim, hidden_size)
         # Gate norms: eps None is the dtype's machine epsilon, as in the demo.
         self.norm1 = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(config.hc_mult))  # key
         self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(config.hc_mult))  # h
@@ -216,7 +217,7 @@ class EngramV41(nn.Module):
     def __init__(self, config: EngramConfig, hidden_size: int) -> None:
         super().__init__()
         self.config, self.hidden_size, self.hc_mult = config, hidden_size, config.hc_mult
-        self.wkv = nn.Linear(config.engram_dim, hidden_size * (config.hc_mult + 1), bias=False)
+        self.wkv = Linear(config.engram_dim, hidden_size * (config.hc_mult + 1), bias=False)
         self.q_weight = nn.Parameter(torch.ones(config.hc_mult, hidden_size))
         self.k_weight = nn.Parameter(torch.ones(config.hc_mult, hidden_size))
 

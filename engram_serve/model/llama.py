@@ -23,6 +23,7 @@ from engram_serve.config import EngramConfig, ModelConfig
 from engram_serve.model.attention import paged_attention
 from engram_serve.model.batch import ForwardBatch
 from engram_serve.model.engram import build_engram
+from engram_serve.model.linear import Linear, linear
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -53,9 +54,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused op: x * rsqrt(mean(x^2) + eps), in float32 (the same bits as spelling it out).
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -93,16 +94,18 @@ class RotaryEmbedding(nn.Module):
             inv_freq = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [hd/2] float32
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # cos, sin [T, 1, hd/2] in dtype
         inv_freq = self.inv_freq.to(positions.device, torch.float32)  # no-op once in place
-        angles = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
-        return angles.cos(), angles.sin()
+        angles = positions.float()[:, None, None] * inv_freq  # [T, 1, hd/2]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_j, x_{j + hd/2}) by each token's angles (Hugging Face's half layout)."""
+    """Rotate pairs (x_j, x_{j + hd/2}) by each token's angles (Hugging Face's half layout);
+    x `[T, heads, hd]`, cos and sin `[T, 1, hd/2]`."""
     x1, x2 = x.chunk(2, dim=-1)  # [T, heads, hd/2] each
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, hd/2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -118,7 +121,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * hd, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.num_heads * hd, config.hidden_size, bias=False)
         if config.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
@@ -127,16 +130,12 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
     ) -> torch.Tensor:  # x [T, D] -> [T, D]
         num_tokens, hd = x.shape[0], self.head_dim
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 KVH) hd]
-        q, k, v = qkv.split(
-            [self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], -1
-        )
-        q = q.reshape(num_tokens, self.num_heads, hd)  # [T, H, hd]
-        k = k.reshape(num_tokens, self.num_kv_heads, hd)  # [T, KVH, hd]
-        v = v.reshape(num_tokens, self.num_kv_heads, hd)  # [T, KVH, hd]
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = linear(x, self.qkv_weight, self.qkv_bias).view(num_tokens, heads + 2 * kv_heads, hd)
+        qk, v = qkv.split([heads + kv_heads, kv_heads], 1)  # [T, H + KVH, hd], [T, KVH, hd]
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), 1)
+        q, k = apply_rope(qk, *rope).split([heads, kv_heads], 1)  # one rotation for q and k
         cache = batch.cache
         out = paged_attention(
             q, k, v, cache.k[self.layer_id], cache.v[self.layer_id], batch.attn, self.scale
@@ -157,10 +156,10 @@ class LlamaMLP(nn.Module):
         d, ff = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(d, ff, bias=False)
         self.up_proj = nn.Linear(d, ff, bias=False)
-        self.down_proj = nn.Linear(ff, d, bias=False)
+        self.down_proj = Linear(ff, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [T, FF] each
+        gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [T, FF] each
         return self.down_proj(F.silu(gate) * up)
 
     def fuse_projections(self) -> None:
@@ -223,7 +222,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, D], before the final norm
         h = self.embed_tokens(batch.token_ids)  # [T, D]
-        rope = self.rotary_emb(batch.positions)  # cos, sin [T, hd/2], shared by all layers
+        rope = self.rotary_emb(batch.positions, h.dtype)  # cos, sin, shared by all layers
         for layer in self.layers:
             h = layer(h, rope, batch)
         return h
@@ -237,7 +236,7 @@ class LlamaForCausalLM(nn.Module):
         _check_config(config, engram_config)
         self.config, self.engram_config = config, engram_config
         self.model = LlamaModel(config, engram_config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.fuse_projections()
 
