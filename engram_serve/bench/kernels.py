@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table-gib", type=float, default=2.0, help="CPU table size")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--skip-cpu", action="store_true", help="skip the CPU gather")
     parser.add_argument("--linear", action="store_true", help="also the CPU linear kernel")
     args = parser.parse_args(argv)
     results = {}

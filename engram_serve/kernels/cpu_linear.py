@@ -16,11 +16,17 @@ Sums are taken in another order than MKL's, so results differ from `F.linear` in
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
 
 MAX_ROWS = 256  # above this MKL's blocked sgemm is as fast or faster
+
+# numba runs parallel kernels on OpenMP (torch's libgomp) when it can load it, else on its
+# workqueue layer, which aborts the process if two threads launch at once: one launch at a time.
+_launch_lock = threading.Lock()
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=True, boundscheck=False)
@@ -82,10 +88,10 @@ def linear_cpu(
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     out = torch.empty(x.shape[0], weight.shape[0])
+    x_np, weight_np = x.detach().contiguous().numpy(), weight.detach().contiguous().numpy()
     # The kernel's threads are numba's (OpenMP), as many as torch is told to use unless given.
     threads = torch.get_num_threads() if num_threads is None else num_threads
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    _linear_kernel(
-        x.detach().contiguous().numpy(), weight.detach().contiguous().numpy(), out.numpy()
-    )
+    with _launch_lock:
+        _linear_kernel(x_np, weight_np, out.numpy())
     return out if bias is None else out.add_(bias)
