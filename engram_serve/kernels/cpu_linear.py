@@ -4,8 +4,8 @@ at most `MAX_ROWS` rows of float32.
 A decode step multiplies one row per running sequence by every weight of the model, so it is
 bound by reading the weights (540 MB a step for the default model), and MKL's sgemm serves such
 short, wide products poorly on this project's 2-core AVX2 machines: over the default model's
-weights it reads ~5 GB/s for one row and runs ~45 GFLOP/s for 64, where this kernel reads
-~12 GB/s and runs ~90 GFLOP/s (`python -m engram_serve.bench.kernels --linear`). The kernel
+weights it read 5.6 GB/s for one row and ran 44 GFLOP/s for 64, where this kernel read
+10.8 GB/s and ran 79 GFLOP/s (`python -m engram_serve.bench.kernels --linear`). The kernel
 walks the weight in tiles of 4 output rows, which stay in L1 while the input rows pass them two
 at a time: 8 running sums, each vectorized along K. A single row (one decoding sequence) takes
 one dot product at a time, which is what reads memory fastest.
