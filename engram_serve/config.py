@@ -151,6 +151,10 @@ class OffloadConfig:
     tier: Literal["device", "host", "disk"] = "device"
     cache_rows: int = 0  # fast-tier row cache capacity over all layers (0: none)
     prefetch: bool = True
+    # Read the next step's known prompt rows into the cache during this step (needs prefetch and
+    # a cache). Off by default: on 2 cores it raised the hit rate but cost throughput (see
+    # bench/offload.py).
+    lookahead: bool = False
     table_path: str | None = None
     num_io_threads: int = 16
     cache_bytes: int = 0  # alternative to cache_rows: a byte budget for cached rows

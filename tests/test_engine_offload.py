@@ -1,7 +1,7 @@
 """Every Engram tier and cache setting gives the device tier's outputs, bit for bit, through the
 whole engine: a non-zero Engram on the default backbone, many steps, preemptions included. The
-engine's look-ahead (the next step's prompt rows read into the cache during this step) warms
-exactly those rows, raises the next step's hit rate and changes no output."""
+engine's opt-in look-ahead (the next step's prompt rows read into the cache during this step)
+warms exactly those rows, raises the next step's hit rate and changes no output."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ TIERS = {
     "disk": OffloadConfig(tier="disk", cache_rows=0),
     "disk+lfu": OffloadConfig(tier="disk", cache_rows=3000, cache_policy="lfu"),
     "disk+lru": OffloadConfig(tier="disk", cache_rows=3000, cache_policy="lru"),
-    "disk+cache-no-prefetch": OffloadConfig(tier="disk", cache_rows=3000, prefetch=False),
+    "disk+lfu+lookahead": OffloadConfig(tier="disk", cache_rows=3000, lookahead=True),
+    "disk+cache-no-prefetch": OffloadConfig(
+        tier="disk", cache_rows=3000, prefetch=False, lookahead=True
+    ),
     "disk+direct-io": OffloadConfig(tier="disk", cache_rows=3000, direct_io=True),
 }
 
@@ -91,9 +94,12 @@ def test_tier_outputs_equal_the_device_tier(name, engram_model_dir, device_outpu
     assert _generate(engine) == device_outputs
     stats = engine.engram.prefetcher.stats
     assert stats["lookups"] > 0
-    # The look-ahead ran (and changed nothing above) exactly where a cache and prefetch are.
+    # The look-ahead ran (and changed nothing above) exactly where it was asked for and a cache
+    # and prefetch are.
     offload = TIERS[name]
-    assert (stats["warmed"] > 0) == (offload.cache_rows > 0 and offload.prefetch)
+    assert (stats["warmed"] > 0) == (
+        offload.lookahead and offload.cache_rows > 0 and offload.prefetch
+    )
     engine.engram.prefetcher.close()
 
 
@@ -102,7 +108,8 @@ def test_tier_outputs_equal_the_device_tier(name, engram_model_dir, device_outpu
 # next batch is exactly predictable, so the warmed rows can be checked exactly.
 
 LOOKAHEAD_ENGINE = dataclasses.replace(ENGINE, num_kv_blocks=64)
-LOOKAHEAD_TIER = OffloadConfig(tier="disk", cache_rows=100_000)  # never full: nothing evicted
+# A cache never full: nothing evicted.
+LOOKAHEAD_TIER = OffloadConfig(tier="disk", cache_rows=100_000, lookahead=True)
 
 
 def _trace(engine) -> list[dict]:
@@ -168,8 +175,9 @@ def _known_rows(engine, chunks, known: bool) -> np.ndarray:
 def lookahead_traces(engram_model_dir):
     traces = {}
     for lookahead in (True, False):
-        engine = build_engine(engram_model_dir, LOOKAHEAD_ENGINE, LOOKAHEAD_TIER)
-        engine.engram.prefetcher.warms = lookahead  # off: the ablation
+        tier = dataclasses.replace(LOOKAHEAD_TIER, lookahead=lookahead)  # off: the ablation
+        engine = build_engine(engram_model_dir, LOOKAHEAD_ENGINE, tier)
+        assert engine.engram.prefetcher.warms == lookahead
         steps = _trace(engine)
         engine.engram.prefetcher.close()
         traces[lookahead] = (engine, steps, engine.engram.prefetcher.stats)

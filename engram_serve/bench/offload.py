@@ -15,10 +15,10 @@ tables in each tier in turn.
    (every n-gram new: the cache's worst case), or with `--prompts text` windows of English
    text, the cache starting from a hot set profiled on other text (see `text_workload`).
 3. Tiers, one engine each, same workload, after a small warm-up: device (tables copied into RAM:
-   the baseline), disk with cache and prefetch (with and without the engine's look-ahead, which
-   reads the next step's prompt rows during this step), disk with cache and no prefetch, disk
-   with prefetch and no cache. Disk reads use O_DIRECT and the table files' pages are dropped
-   before every run, so the OS page cache serves none of them.
+   the baseline), disk with cache and prefetch (the default; and with the engine's opt-in
+   look-ahead, which reads the next step's prompt rows during this step), disk with cache and
+   no prefetch, disk with prefetch and no cache. Disk reads use O_DIRECT and the table files'
+   pages are dropped before every run, so the OS page cache serves none of them.
 4. Per tier: output tok/s and its ratio to device, cache hit rate, rows and bytes read per tier,
    rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
    storage (/proc/self/io), CPU time, and how contended the machine was (load average, CPU
@@ -48,7 +48,7 @@ from engram_serve.config import EngineConfig, EngramConfig, OffloadConfig
 
 MODEL_DIR = Path("results/bench-offload-model")
 NOT_BACKBONE = {"engram.json", "engram_modules.safetensors", "engram_tables"}
-TIER_NAMES = ("device", "disk", "disk-no-lookahead", "disk-no-prefetch", "disk-no-cache")
+TIER_NAMES = ("device", "disk", "disk-lookahead", "disk-no-prefetch", "disk-no-cache")
 COUNTERS = ("steps", "lookups", "unique_rows", "cache_hits", "cache_misses", "warmed", "stall_s")
 
 
@@ -182,8 +182,7 @@ def text_workload(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, 
 
 def tier_configs(
     args: argparse.Namespace, hot_profile: Path | None = None
-) -> dict[str, tuple[OffloadConfig, bool]]:
-    """name -> (offload config, look-ahead on)."""
+) -> dict[str, OffloadConfig]:
     disk = OffloadConfig(
         tier="disk",
         direct_io=True,
@@ -193,11 +192,11 @@ def tier_configs(
         hot_profile=None if hot_profile is None else str(hot_profile),
     )
     configs = {
-        "device": (OffloadConfig(tier="device"), True),
-        "disk": (disk, True),
-        "disk-no-lookahead": (disk, False),
-        "disk-no-prefetch": (replace(disk, prefetch=False), True),
-        "disk-no-cache": (replace(disk, cache_rows=0), True),
+        "device": OffloadConfig(tier="device"),
+        "disk": disk,
+        "disk-lookahead": replace(disk, lookahead=True),
+        "disk-no-prefetch": replace(disk, prefetch=False),
+        "disk-no-cache": replace(disk, cache_rows=0),
     }
     return {name: configs[name] for name in args.tiers}
 
@@ -225,7 +224,6 @@ def run_tier(
     config: EngramConfig,
     engine_config: EngineConfig,
     offload: OffloadConfig,
-    lookahead: bool,
     workload: Workload,
 ) -> dict[str, Any]:
     from engram_serve.llm import build_engine
@@ -236,7 +234,6 @@ def run_tier(
     engine = build_engine(model_dir, engine_config, offload)
     build_s = time.perf_counter() - start
     prefetcher = engine.engram.prefetcher
-    prefetcher.warms = prefetcher.warms and lookahead  # the ablation: no look-ahead
     try:
         run_engine(engine, make_workload(2, 8, 16, engine.model_config.vocab_size, seed=1))
         drop_page_cache(model_dir, config)
@@ -423,8 +420,8 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
     tiers = tier_configs(args, hot_profile)
     results = []
     for _ in range(args.repeats):
-        for name, (offload, lookahead) in tiers.items():
-            r = run_tier(name, model_dir, config, engine_config, offload, lookahead, workload)
+        for name, offload in tiers.items():
+            r = run_tier(name, model_dir, config, engine_config, offload, workload)
             results.append(r)
             device = next((x["output_tok_s"] for x in results if x["name"] == "device"), None)
             print_row(r, device)

@@ -18,12 +18,13 @@ cost more than they hid on 2 cores):
 On CUDA steps 2-4 are enqueued on one side stream and an event is recorded per layer; wait()
 makes the current stream wait on it. Time blocked in wait() is the stall.
 
-Warm-up (prefetch and a cache both on): `prefetcher.warm(row_ids)` reads rows a later step will
-likely want (the engine's next prompt chunks) into each layer's cache and returns at once. Each
-layer's jobs run in submission order, so a warm-up starts after this step's fetch of that layer
-(it never delays it) and ends before the next step's fetch starts (no row is read twice). In the
-split mode a warm-up's reads start at once, skip the rows this step's fetch is reading, and
-enter the cache at the next step's start.
+Warm-up (the look-ahead: `OffloadConfig.lookahead`, with prefetch and a cache):
+`prefetcher.warm(row_ids)` reads rows a later step will likely want (the engine's next prompt
+chunks) into each layer's cache and returns at once. Each layer's jobs run in submission order,
+so a warm-up starts after this step's fetch of that layer (it never delays it) and ends before
+the next step's fetch starts (no row is read twice). In the split mode a warm-up's reads start
+at once, skip the rows this step's fetch is reading, and enter the cache at the next step's
+start.
 """
 
 from __future__ import annotations
@@ -546,10 +547,12 @@ class Prefetcher:
             if offload.prefetch and fetchers and not in_ram and not self.splits
             else None
         )
-        # warm() does something: prefetch on and a cache to warm. The engine skips its
-        # look-ahead (hashing included) otherwise.
-        self.warms = (self.pool is not None or self.splits) and any(
-            f.cache is not None for f in fetchers.values()
+        # warm() does something: look-ahead asked for, prefetch on and a cache to warm. The
+        # engine skips its look-ahead (hashing included) otherwise.
+        self.warms = (
+            offload.lookahead
+            and (self.pool is not None or self.splits)
+            and any(f.cache is not None for f in fetchers.values())
         )
         self._last_step: StepRows | None = None
         self._last_job: dict[int, Future] = {}  # each layer's latest job (see submit)
