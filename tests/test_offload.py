@@ -7,10 +7,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,10 @@ from engram_serve.config import EngramConfig, OffloadConfig
 from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.kernels.reference import gather_rows
 from engram_serve.model.tables import open_table, table_layouts, table_path, write_random_table
-from engram_serve.offload import pinned
+from engram_serve.offload import aio, pinned
 from engram_serve.offload.cache import RowCache, RowProfile, profile_rows
 from engram_serve.offload.prefetch import build_prefetcher
-from engram_serve.offload.tiers import open_tables, table_from_tensors
+from engram_serve.offload.tiers import DiskStore, TableReadError, open_tables, table_from_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 400  # compressed vocabulary of the synthetic token stream
@@ -214,6 +216,85 @@ def test_lookahead_reads_not_started_by_the_next_step_are_cancelled_not_waited_f
     assert layers[1]["warmed"] == unique[0] and layers[1]["cache_hits"] == unique[0]
     assert layers[4]["warmed"] == 0 and layers[4]["cache_misses"] == unique[1]
     assert layers[4]["rows_read"]["disk"] == unique[1]  # cancelled reads were never made
+
+
+# ---------------------------------------------------------------------------------------------
+# the disk tier's reads
+
+AIO_ROW = 264  # not a divisor of 4096: rows start anywhere in a block, some span two
+
+
+@pytest.fixture
+def direct_file(tmp_path):
+    """(path, bytes) of a file of random bytes: a 100-byte header, then 40 rows of AIO_ROW."""
+    data = np.random.default_rng(0).integers(0, 256, 100 + 40 * AIO_ROW, dtype=np.uint8)
+    path = tmp_path / "rows.bin"
+    path.write_bytes(data.tobytes())
+    return path, data
+
+
+def _offsets(ids) -> np.ndarray:
+    return 100 + np.asarray(ids, np.int64) * AIO_ROW
+
+
+def test_aio_reads_rows_anywhere_in_the_file_in_several_batches(direct_file):
+    path, data = direct_file
+    ids = [39, 0, 7, 7, 15, 31, 2, 38, 20, 14, 1]  # 11 rows, 4 in flight at a time
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    reader = aio.AioReader(depth=4)
+    try:
+        rows = np.zeros((len(ids), AIO_ROW), np.uint8)
+        assert reader.read(fd, _offsets(ids), AIO_ROW, 4096, rows) == -1
+    finally:
+        reader.close()
+        os.close(fd)
+    for row, i in zip(rows, ids, strict=True):
+        np.testing.assert_array_equal(row, data[100 + i * AIO_ROW : 100 + (i + 1) * AIO_ROW])
+
+
+def test_aio_reports_the_first_row_it_could_not_read(direct_file):
+    """A row past the end of the file comes back short: its index is returned, and every row
+    before it is read."""
+    path, data = direct_file
+    ids = [3, 9, 12, 25, 40, 5, 41]  # row 40 starts at the end; rows 0-3 precede it
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    reader = aio.AioReader(depth=3)
+    try:
+        rows = np.zeros((len(ids), AIO_ROW), np.uint8)
+        assert reader.read(fd, _offsets(ids), AIO_ROW, 4096, rows) == 4
+    finally:
+        reader.close()
+        os.close(fd)
+    for row, i in zip(rows[:4], ids[:4], strict=True):
+        np.testing.assert_array_equal(row, data[100 + i * AIO_ROW : 100 + (i + 1) * AIO_ROW])
+
+
+@pytest.mark.parametrize("use_aio", [True, False], ids=["aio", "pread fallback"])
+def test_direct_disk_reads_equal_the_table_and_name_a_truncated_file(
+    model, use_aio, monkeypatch, tmp_path
+):
+    """O_DIRECT through AIO, and through pread where the kernel refuses AIO (`available()`
+    false: a seccomp filter, or fs.aio-max-nr reached)."""
+    assert aio.available(), "this machine's kernel allows AIO"
+    monkeypatch.setattr(aio, "_available", use_aio)
+    config, model_dir = model
+    table = open_table(model_dir, config.layer_ids[0])
+    ids = np.random.default_rng(1).integers(0, table.rows, 600)  # 3 chunks of AIO
+    with ThreadPoolExecutor(4) as pool:
+        store = DiskStore(table, pool, direct=True)
+        assert store.mode == ("aio-direct" if use_aio else "pread-direct")
+        weight = np.empty((len(ids), *table.weight.shape[1:]), table.weight.dtype)
+        store.read(ids, weight, None)
+        np.testing.assert_array_equal(weight.view(np.uint8), table.weight[ids].view(np.uint8))
+        store.close()
+
+        shutil.copytree(model_dir, tmp_path / "copy")  # its table cut in half while in use
+        table = open_table(tmp_path / "copy", config.layer_ids[0])
+        store = DiskStore(table, pool, direct=True)
+        os.truncate(table.path, table.data_offset + table.rows // 2 * table.row_bytes)
+        with pytest.raises(TableReadError, match=r"layer_1\.safetensors: short read"):
+            store.read(ids, weight, None)
+        store.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from engram_serve.kernels.reference import as_bytes, dequantize_rows
-from engram_serve.offload import pinned, pread
+from engram_serve.offload import aio, pinned, pread
 
 Tier = Literal["device", "host", "disk"]
 TIERS: tuple[str, ...] = ("device", "host", "disk")
@@ -304,21 +304,21 @@ class HostGatherStore(StagedStore):
 
 
 class DiskStore(StagedStore):
-    """Disk tier: the table file, one pread per row by worker threads, compiled and without
-    the GIL (offload/pread.py).
+    """Disk tier: the table file, read by worker threads in compiled code without the GIL.
 
     `direct`: O_DIRECT, each row read as the 4 KiB blocks that hold it into a per-thread
-    aligned bounce buffer, so no read is served by (or fills) the OS page cache. Otherwise
-    buffered reads with POSIX_FADV_RANDOM, so the kernel reads no more than the rows' pages.
+    aligned bounce buffer, so no read is served by (or fills) the OS page cache; a chunk's reads
+    are submitted together through Linux AIO (offload/aio.py), or, where the kernel refuses AIO,
+    made one pread per row (offload/pread.py). Otherwise buffered preads with
+    POSIX_FADV_RANDOM, so the kernel reads no more than the rows' pages.
     FP8 scales are loaded into RAM at start: one extra random read per row would double IOPS.
     """
 
     tier = "disk"
-    mode = "pread"
-    min_chunk_rows = 4  # random reads: spread over every thread, many requests in flight
-    # A thread reads its chunk one row after another: long chunks of a look-ahead read would keep
-    # every thread busy for a whole step while the next step's own reads waited behind them.
-    max_chunk_rows = 32
+    # pread: random reads spread over every thread, many requests in flight; a thread reads its
+    # chunk one row after another, so long chunks of a look-ahead read would keep every thread
+    # busy for a whole step while the next step's own reads waited behind them.
+    min_chunk_rows, max_chunk_rows = 4, 32
 
     def __init__(self, table: EngramTable, io_pool: ThreadPoolExecutor, direct: bool = False):
         if table.path is None or table.data_offset is None:
@@ -336,7 +336,10 @@ class DiskStore(StagedStore):
         self.scale = None if table.scale is None else np.array(table.scale).view(np.ndarray)
         scale_bytes = 0 if self.scale is None else self.scale.nbytes
         super().__init__(io_pool, {"disk": table.rows * self.row_bytes, "host": scale_bytes})
-        self.mode = "pread-direct" if direct else "pread"
+        self.aio = direct and aio.available()
+        if self.aio:  # one thread keeps a chunk's reads in flight: few chunks, few hand-offs
+            self.min_chunk_rows = self.max_chunk_rows = aio.DEPTH
+        self.mode = "aio-direct" if self.aio else "pread-direct" if direct else "pread"
         self.block = BLOCK if direct else 1
         self._local = threading.local()
 
@@ -351,11 +354,17 @@ class DiskStore(StagedStore):
     ) -> None:
         rows = weight_out.view(np.uint8).reshape(len(ids), self.row_bytes)
         offsets = self.offset + ids.astype(np.int64) * self.row_bytes
+        reader = aio.thread_reader() if self.aio else None
         bounce, done = self._bounce(), 0
         while done < len(ids):
-            failed = pread.pread_rows(
-                self.fd, offsets[done:], self.row_bytes, self.block, bounce, rows[done:]
-            )
+            if reader is not None:
+                failed = reader.read(
+                    self.fd, offsets[done:], self.row_bytes, self.block, rows[done:]
+                )
+            else:
+                failed = pread.pread_rows(
+                    self.fd, offsets[done:], self.row_bytes, self.block, bounce, rows[done:]
+                )
             if failed < 0:
                 break
             done += failed
