@@ -138,9 +138,9 @@ class AioReader:
             )
         return buf
 
-    def close(self) -> None:
+    def close(self, syscall=_syscall) -> None:  # bound now: at exit the module's is gone
         if self.context:
-            _syscall(_SYS_IO_DESTROY, self.context, 0, 0, 0, 0)
+            syscall(_SYS_IO_DESTROY, self.context, 0, 0, 0, 0)
             self.context = 0
 
     __del__ = close  # a thread's reader goes with its thread (threading.local)
