@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 
 import numba
@@ -138,12 +139,14 @@ class AioReader:
             )
         return buf
 
-    def close(self, syscall=_syscall) -> None:  # bound now: at exit the module's is gone
+    def close(self) -> None:
         if self.context:
-            syscall(_SYS_IO_DESTROY, self.context, 0, 0, 0, 0)
+            _syscall(_SYS_IO_DESTROY, self.context, 0, 0, 0, 0)
             self.context = 0
 
-    __del__ = close  # a thread's reader goes with its thread (threading.local)
+    def __del__(self) -> None:  # a thread's reader goes with its thread (threading.local)
+        if not sys.is_finalizing():  # at exit the kernel frees it (and this module is gone)
+            self.close()
 
 
 _local = threading.local()
