@@ -14,11 +14,12 @@ tables in each tier in turn.
    [low, high], greedy, ignore_eos; output tokens per second. Prompts of random token ids
    (every n-gram new: the cache's worst case), or with `--prompts text` windows of English
    text, the cache starting from a hot set profiled on other text (see `text_workload`).
-3. Tiers, one engine each, same workload, after a small warm-up: device (tables copied into RAM:
-   the baseline), disk with cache and prefetch (the default; and with the engine's opt-in
-   look-ahead, which reads the next step's prompt rows during this step), disk with cache and
-   no prefetch, disk with prefetch and no cache. Disk reads use O_DIRECT and the table files'
-   pages are dropped before every run, so the OS page cache serves none of them.
+3. Tiers, one engine each in a process of its own, same workload, after a small warm-up:
+   device (tables copied into RAM: the baseline), disk with cache and prefetch (the default;
+   and with the engine's opt-in look-ahead, which reads the next step's prompt rows during this
+   step), disk with cache and no prefetch, disk with prefetch and no cache. Disk reads use
+   O_DIRECT and the table files' pages are dropped before every run, so the OS page cache
+   serves none of them.
 4. Per tier: output tok/s and its ratio to device, cache hit rate, rows and bytes read per tier,
    rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
    storage (/proc/self/io), CPU time, and how contended the machine was (load average, CPU
@@ -30,12 +31,13 @@ tables in each tier in turn.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,7 @@ from engram_serve.config import EngineConfig, EngramConfig, OffloadConfig
 
 MODEL_DIR = Path("results/bench-offload-model")
 NOT_BACKBONE = {"engram.json", "engram_modules.safetensors", "engram_tables"}
-# Run order. The device tier last: a run right after it stalled more (measured, random prompts,
-# same engine settings: disk 1.05 s against 0.55-0.70 s otherwise; with pread reads 3.6 against
-# 1.2 s); the cause is not known.
-TIER_NAMES = ("disk", "disk-lookahead", "disk-no-prefetch", "disk-no-cache", "device")
+TIER_NAMES = ("device", "disk", "disk-lookahead", "disk-no-prefetch", "disk-no-cache")
 COUNTERS = ("steps", "lookups", "unique_rows", "cache_hits", "cache_misses", "warmed", "stall_s")
 
 
@@ -231,7 +230,6 @@ def run_tier(
 ) -> dict[str, Any]:
     from engram_serve.llm import build_engine
 
-    gc.collect()
     drop_page_cache(model_dir, config)
     start = time.perf_counter()
     engine = build_engine(model_dir, engine_config, offload)
@@ -267,6 +265,15 @@ def run_tier(
         "load_avg_after": os.getloadavg()[0],
     }
     return result
+
+
+def run_in_own_process(*args: Any) -> dict[str, Any]:
+    """`run_tier` in a fresh process. Runs in one process were not independent: a disk run after
+    the device tier's stalled 1.6-2.1 s where the first run of a process stalled 0.4-0.6 s and
+    runs in fresh processes 0.4-0.9 s (random prompts, same settings; cause not found)."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        return pool.submit(run_tier, *args).result()
 
 
 def print_row(r: dict[str, Any], device_tok_s: float | None) -> None:
@@ -424,7 +431,7 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
     results = []
     for _ in range(args.repeats):
         for name, offload in tiers.items():
-            r = run_tier(name, model_dir, config, engine_config, offload, workload)
+            r = run_in_own_process(name, model_dir, config, engine_config, offload, workload)
             results.append(r)
             device = next((x["output_tok_s"] for x in results if x["name"] == "device"), None)
             print_row(r, device)
