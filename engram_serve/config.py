@@ -152,8 +152,8 @@ class OffloadConfig:
     cache_rows: int = 0  # fast-tier row cache capacity over all layers (0: none)
     prefetch: bool = True
     # Read the next step's known prompt rows into the cache during this step (needs prefetch and
-    # a cache). Off by default: on 2 cores it raised the hit rate but cost throughput (see
-    # bench/offload.py).
+    # a cache). Off by default: on 2 cores it raised the hit rate (text: 70 -> 84%) but not the
+    # output tokens/s (`engram-serve bench offload`, tier disk-lookahead).
     lookahead: bool = False
     table_path: str | None = None
     num_io_threads: int = 16

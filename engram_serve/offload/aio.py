@@ -6,11 +6,14 @@ call, the sleep, the wake-up; a VM's virtio disk), and a step's reads are spread
 threads, each hand-off another wake-up. Submitted together through `io_submit`, the same reads
 cost ~4 us of CPU each, and one thread keeps a whole chunk in flight (measured: 512 random
 blocks of an 8 GiB table, 5.5-6 ms until all were read, 2 ms of CPU; 128 preads one after
-another, 6 ms and 2.9 ms of CPU). On 2 cores that CPU is taken from the forward pass.
+another, 6 ms and 2.9 ms of CPU). On 2 cores that CPU is taken from the forward pass. Through
+DiskStore, 450 random rows (a decode step's misses of a layer): 5.6 ms and 8.8 us of CPU a row,
+against 8.5 ms and 28 us with preads on 32 threads.
 
 Linux AIO is asynchronous only for O_DIRECT (buffered reads complete inside `io_submit`), so
 the disk tier uses it with `direct_io` alone, and keeps `pread` where the kernel refuses AIO
-(`available()`: a seccomp filter, or `fs.aio-max-nr` exhausted).
+(`available()`: a seccomp filter, `fs.aio-max-nr` exhausted, or not x86-64, whose system call
+numbers these are).
 
 Each thread has its own AIO context (`thread_reader`), freed when the thread ends. The system
 calls go through libc's `syscall`, as glibc has no AIO wrappers:
@@ -22,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
 import sys
 import threading
 
@@ -159,6 +163,8 @@ def available() -> bool:
     (~5 s), not in the first step that reads."""
     global _available
     with _available_lock:
+        if _available is None and platform.machine() != "x86_64":
+            _available = False
         if _available is None:
             try:
                 reader = AioReader(1)

@@ -358,9 +358,12 @@ class DiskStore(StagedStore):
         bounce, done = self._bounce(), 0
         while done < len(ids):
             if reader is not None:
-                failed = reader.read(
-                    self.fd, offsets[done:], self.row_bytes, self.block, rows[done:]
-                )
+                try:
+                    failed = reader.read(
+                        self.fd, offsets[done:], self.row_bytes, self.block, rows[done:]
+                    )
+                except OSError as e:  # the AIO context broke: a storage fault like any other
+                    raise TableReadError(errno.EIO, f"{self.path}: read failed: {e}") from e
             else:
                 failed = pread.pread_rows(
                     self.fd, offsets[done:], self.row_bytes, self.block, bounce, rows[done:]
