@@ -261,7 +261,7 @@ def test_aio_reports_the_first_row_it_could_not_read(direct_file):
     """A row past the end of the file comes back short: its index is returned, and every row
     before it is read."""
     path, data = direct_file
-    ids = [3, 9, 12, 25, 40, 5, 41]  # row 40 starts at the end; rows 0-3 precede it
+    ids = [3, 9, 12, 25, 40, 5, 41]  # row 40 starts at the end of the file, index 4 here
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     reader = aio.AioReader(depth=3)
     try:
