@@ -32,7 +32,7 @@ import threading
 import numba
 import numpy as np
 
-from engram_serve.offload.pread import row_span
+from engram_serve.offload.pread import bounce_buffer, row_span
 
 DEPTH = 256  # reads one thread keeps in flight: a step's misses of a layer in one or two chunks
 _SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209  # x86-64
@@ -115,7 +115,7 @@ class AioReader:
         self.iocbs = np.zeros((depth, _IOCB_WORDS), np.int64)
         self.pointers = np.zeros(depth, np.int64)
         self.events = np.zeros((depth, _EVENT_WORDS), np.int64)
-        self._bounce: dict[tuple[int, int], np.ndarray] = {}  # (slot bytes, block) -> buffer
+        self._bounce: dict[tuple[int, int], np.ndarray] = {}  # (row bytes, block) -> buffer
 
     def read(
         self, fd: int, offsets: np.ndarray, row_bytes: int, block: int, rows: np.ndarray
@@ -132,15 +132,10 @@ class AioReader:
         return int(failed)
 
     def _bounce_buffer(self, row_bytes: int, block: int) -> np.ndarray:
-        """`depth` slots, each the largest span a row can need, aligned to `block`."""
-        slot = (-(-(row_bytes + block - 1) // block) + 1) * block
-        buf = self._bounce.get((slot, block))
+        """`depth` slots for rows of `row_bytes` (pread.bounce_buffer), made once per shape."""
+        buf = self._bounce.get((row_bytes, block))
         if buf is None:
-            raw = np.empty(self.depth * slot + block, dtype=np.uint8)
-            skip = -raw.ctypes.data % block
-            buf = self._bounce[slot, block] = raw[skip : skip + self.depth * slot].reshape(
-                self.depth, slot
-            )
+            buf = self._bounce[row_bytes, block] = bounce_buffer(row_bytes, block, self.depth)
         return buf
 
     def close(self) -> None:

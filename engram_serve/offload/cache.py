@@ -116,6 +116,7 @@ def _choose_slots(tags, score, pins, static, sketch, mask, ids, tick, out):
         for w in range(ways):
             if tags[s, w] == ids[i]:  # admitted meanwhile
                 fresh[i] = False
+                break
     candidates = np.flatnonzero(fresh)
     order = candidates[np.argsort(sets[candidates], kind="mergesort")]  # by set, stable
     keys = np.empty(ways, np.int64)

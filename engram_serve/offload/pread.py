@@ -44,9 +44,10 @@ def pread_rows(fd, offsets, row_bytes, block, bounce, rows):
     return -1
 
 
-def bounce_buffer(row_bytes: int, block: int) -> np.ndarray:
-    """A buffer for `pread_rows`: the largest span a row can need, aligned to `block`."""
+def bounce_buffer(row_bytes: int, block: int, slots: int = 1) -> np.ndarray:
+    """`slots` buffers `[slots, span]` for row reads (`pread_rows` takes one, offload/aio.py
+    one per read in flight), each the largest span a row can need, aligned to `block`."""
     span = (-(-(row_bytes + block - 1) // block) + 1) * block
-    raw = np.empty(span + block, dtype=np.uint8)
+    raw = np.empty(slots * span + block, dtype=np.uint8)
     skip = -raw.ctypes.data % block
-    return raw[skip : skip + span]
+    return raw[skip : skip + slots * span].reshape(slots, span)

@@ -346,7 +346,7 @@ class DiskStore(StagedStore):
     def _bounce(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            buf = self._local.buf = pread.bounce_buffer(self.row_bytes, self.block)
+            buf = self._local.buf = pread.bounce_buffer(self.row_bytes, self.block)[0]
         return buf
 
     def _read_chunk(
