@@ -599,3 +599,64 @@ def test_model_linear_runs_the_kernel_up_to_max_rows_and_mkl_beyond():
     assert torch.equal(
         linear(x, weight.bfloat16()), torch.nn.functional.linear(x, weight.bfloat16())
     )
+
+
+# --- CPU fused decode layer (its output against the eager layer: tests/test_llama.py) -----
+
+
+def _decode_layer_case(num_seqs=2, dim=8, heads=2, kv_heads=1, hd=4, ff=12, block_size=4):
+    from engram_serve.kernels.cpu_decode import LayerWeights
+
+    gen = _gen(7)
+    qkv_rows = (heads + 2 * kv_heads) * hd
+    weights = LayerWeights(
+        torch.ones(dim),
+        torch.randn(qkv_rows, dim, generator=gen),
+        None,
+        None,
+        None,
+        torch.randn(dim, heads * hd, generator=gen),
+        torch.ones(dim),
+        torch.randn(2 * ff, dim, generator=gen),
+        torch.randn(dim, ff, generator=gen),
+    )
+    caches = [torch.zeros(1 + num_seqs, block_size, kv_heads, hd) for _ in range(2)]
+    meta = dict(
+        slot_mapping=torch.arange(num_seqs) * block_size + block_size,  # position 0 of blocks 1..
+        block_tables=torch.arange(1, 1 + num_seqs)[:, None],
+        seq_lens=torch.ones(num_seqs, dtype=torch.int64),
+    )
+    rope = [torch.ones(num_seqs, 1, hd // 2), torch.zeros(num_seqs, 1, hd // 2)]
+    return torch.randn(num_seqs, dim, generator=gen), weights, rope, caches, meta
+
+
+def test_cpu_decode_layer_refuses_what_it_cannot_run():
+    from engram_serve.kernels import cpu_decode
+    from engram_serve.kernels.cpu_linear import MAX_ROWS
+
+    h, weights, rope, (k, v), meta = _decode_layer_case()
+
+    def call(h=h, weights=weights, k=k, v=v, **changes):
+        args = {**meta, **changes}
+        return cpu_decode.decode_layer(h, weights, 1e-6, *rope, k, v, **args, scale=0.5)
+
+    out = call()
+    assert out.shape == h.shape and out.isfinite().all() and not torch.equal(out, h)
+    assert not cpu_decode.supports(torch.randn(MAX_ROWS + 1, 8), k)
+    assert not cpu_decode.supports(h.bfloat16(), k)
+    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
+        call(h=h.double())
+    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
+        call(weights=weights._replace(down=weights.down.half()))
+    with pytest.raises(ValueError, match="q_norm and k_norm come together"):
+        call(weights=weights._replace(q_norm=torch.ones(4)))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        call(k=k.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(ValueError, match="2 tokens need 2 slots"):
+        call(slot_mapping=meta["slot_mapping"][:1])
+    with pytest.raises(ValueError, match=r"block ids span \[2, 3\], outside the pool"):
+        call(block_tables=meta["block_tables"] + 1)
+    with pytest.raises(ValueError, match=r"seq_lens span \[1, 5\], beyond the block tables"):
+        call(seq_lens=torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match=r"slots span \[4, 12\], outside the pool"):
+        call(slot_mapping=torch.tensor([4, 12]))

@@ -123,6 +123,47 @@ def test_logits_only_for_requested_positions(case):
     torch.testing.assert_close(logits, expected[0][[-1, 2]], atol=ATOL, rtol=0)
 
 
+def test_decode_steps_run_the_fused_layer_and_equal_the_unfused_one(case, monkeypatch):
+    """A decode-only step runs each layer as one compiled call (kernels/cpu_decode.py); the
+    same step with the batch marked mixed runs the eager layers. Both give the same hidden
+    states and write the same K/V into the cache."""
+    from engram_serve.kernels import cpu_decode
+
+    path, model, sequences, expected = case
+    run = PagedRun(model, model.config, sequences, block_size=4)
+    run.run([{s: len(seq) - 2 for s, seq in enumerate(sequences)}])
+    batch = run.build_batch({s: 1 for s in range(len(sequences))})
+    assert batch.attn.is_decode_only
+    calls = []
+    monkeypatch.setattr(cpu_decode, "decode_layer", _counting(cpu_decode.decode_layer, calls))
+    eager = dataclasses.replace(batch, attn=dataclasses.replace(batch.attn, is_decode_only=False))
+    h = model.model.embed_tokens(batch.token_ids)
+    rope = model.model.rotary_emb(batch.positions, h.dtype)
+    with torch.inference_mode():
+        for layer in model.model.layers:
+            caches = (batch.cache.k[layer.layer_id], batch.cache.v[layer.layer_id])
+            before = [c.clone() for c in caches]
+            fused = layer(h, rope, batch)
+            fused_caches = [c.clone() for c in caches]
+            for cache, old in zip(caches, before, strict=True):
+                cache.copy_(old)
+            unfused = layer(h, rope, eager)
+            torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=1e-5)
+            for got, want, old in zip(fused_caches, caches, before, strict=True):
+                torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+                assert not torch.equal(got, old)  # this step's K/V were written
+            h = unfused
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def _counting(fn, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
 def test_config_read_from_directory(case):
     path, model, _, _ = case
     assert model.config == load_model_config(path)

@@ -583,3 +583,23 @@ def test_two_processes_share_one_dev_shm_table(tmp_path):
     # The control without sharing makes its own copy, which the same measure catches.
     assert private["delta"]["RssAnon"] > 0.9 * table_bytes
     assert private["delta"]["RssShmem"] < 0.1 * table_bytes
+
+
+def test_bench_offload_ratios_are_taken_within_rounds():
+    """`bench offload` compares each tier with the device run of its own round: the machine's
+    speed drifts between rounds (round 1 here is faster for every tier)."""
+    from engram_serve.bench.offload import summarize
+
+    tok_s = {0: {"device": 60.0, "disk": 57.0, "disk-no-cache": 61.0},
+             1: {"disk-no-cache": 73.0, "disk": 70.0, "device": 72.0},
+             2: {"device": 58.0, "disk": 56.0, "disk-no-cache": 50.0}}  # fmt: skip
+    results = [{"name": name, "round": r, "output_tok_s": v}
+               for r, tiers in tok_s.items() for name, v in tiers.items()]  # fmt: skip
+    summary = summarize(results)
+    assert summary["device"]["vs_device"] == 1.0
+    assert summary["disk"]["output_tok_s"] == 57.0  # its median run
+    assert summary["disk"]["runs_vs_device"] == [57 / 60, 70 / 72, 56 / 58]
+    assert summary["disk"]["vs_device"] == pytest.approx(56 / 58)
+    assert summary["disk-no-cache"]["vs_device"] == pytest.approx(73 / 72)
+    alone = summarize([{"name": "disk", "round": 0, "output_tok_s": 5.0}])
+    assert alone["disk"]["vs_device"] is None  # no device run: nothing to compare with

@@ -24,8 +24,9 @@ tables in each tier in turn.
    rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
    storage (/proc/self/io), CPU time, and how contended the machine was (load average, CPU
    pressure: the share of the run in which some task waited for a core). JSON and a PNG.
-   The machine may be shared: compare tiers only from runs with little pressure, or use
-   --repeats (tiers interleaved; the median run of each is summarized).
+   The machine may be shared and its speed drifts: use --repeats (rounds of every tier, in
+   order and then reversed); a tier's ratio to device is the median over rounds of its run
+   against the device run of the same round.
 """
 
 from __future__ import annotations
@@ -276,8 +277,8 @@ def run_in_own_process(*args: Any) -> dict[str, Any]:
         return pool.submit(run_tier, *args).result()
 
 
-def print_row(r: dict[str, Any], device_tok_s: float | None) -> None:
-    ratio = f"{r['output_tok_s'] / device_tok_s:6.3f}" if device_tok_s else "     -"
+def print_row(r: dict[str, Any], vs_device: float | None) -> None:
+    ratio = "     -" if vs_device is None else f"{vs_device:6.3f}"
     hit = "    -" if r["hit_rate"] is None else f"{r['hit_rate']:5.1%}"
     storage = r["storage_read_bytes"]
     print(
@@ -296,20 +297,24 @@ def fmt_tiers(d: dict[str, int]) -> str:
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per tier: the median run by output tok/s, and its ratio to the device tier's median."""
+    """Per tier: its median run by output tok/s, and `vs_device`, the median over rounds of its
+    tok/s over the device run's of the same round. The machine's speed drifts between rounds by
+    more than the tiers differ (65-77 tok/s for one tier's runs here), so a ratio within a round
+    is the steadier measure."""
     by_tier: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_tier.setdefault(r["name"], []).append(r)
+    device = {r["round"]: r["output_tok_s"] for r in by_tier.get("device", [])}
     summary = {}
     for name, runs in by_tier.items():
+        ratios = [r["output_tok_s"] / device[r["round"]] for r in runs if r["round"] in device]
         runs = sorted(runs, key=lambda r: r["output_tok_s"])
         summary[name] = {
             **runs[(len(runs) - 1) // 2],
             "runs_tok_s": [r["output_tok_s"] for r in runs],
+            "runs_vs_device": ratios,
+            "vs_device": float(np.median(ratios)) if ratios else None,
         }
-    device = summary.get("device", {}).get("output_tok_s")
-    for s in summary.values():
-        s["vs_device"] = s["output_tok_s"] / device if device else None
     return summary
 
 
@@ -429,17 +434,18 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
     )
     tiers = tier_configs(args, hot_profile)
     results = []
-    for _ in range(args.repeats):
-        for name, offload in tiers.items():
-            r = run_in_own_process(name, model_dir, config, engine_config, offload, workload)
-            results.append(r)
-            device = next((x["output_tok_s"] for x in results if x["name"] == "device"), None)
-            print_row(r, device)
+    for round_ in range(args.repeats):
+        # Tiers in order, then in reverse (ABBA): a drift of the machine over the rounds, or an
+        # effect of one run on the next, favours no tier.
+        order = list(tiers) if round_ % 2 == 0 else list(reversed(tiers))
+        for name in order:
+            r = run_in_own_process(name, model_dir, config, engine_config, tiers[name], workload)
+            results.append({**r, "round": round_})
+            print_row(r, None)
     summary = summarize(results)
-    print("\nmedian of each tier:")
-    device = summary.get("device", {}).get("output_tok_s")
+    print("\nmedian run of each tier, and its median ratio to the device run of its round:")
     for r in summary.values():
-        print_row(r, device)
+        print_row(r, r["vs_device"])
     return {
         "table_bytes": table_bytes,
         "engram": config.to_dict(),

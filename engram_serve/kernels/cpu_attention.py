@@ -29,7 +29,7 @@ _MIN_SEQS_PER_THREAD = 2
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
-def _decode_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, last, out):
+def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, last, out):
     """Sequences [first, last) of q `[S, KVH, G, hd]` into out (same shape), in float32."""
     _, kv_heads, group, hd = q.shape
     block_size = k_cache.shape[1]
@@ -109,7 +109,7 @@ def decode_attention_cpu(
     run_split(
         num_seqs,
         thread_count(num_seqs, _MIN_SEQS_PER_THREAD, num_threads),
-        lambda lo, hi: _decode_kernel(q_np, k_np, v_np, tables, lens, scale, lo, hi, out_np),
+        lambda lo, hi: attention_kernel(q_np, k_np, v_np, tables, lens, scale, lo, hi, out_np),
         costs=lens,
     )
     return out.view(num_seqs, num_heads, hd)

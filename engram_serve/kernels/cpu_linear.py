@@ -16,51 +16,54 @@ Sums are taken in another order than MKL's, so results differ from `F.linear` in
 
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
 import torch
 
+from engram_serve.kernels.cpu_threads import launch_parallel
+
 MAX_ROWS = 256  # above this MKL's blocked sgemm is as fast or faster
 
-# numba runs parallel kernels on OpenMP (torch's libgomp) when it can load it, else on its
-# workqueue layer, which aborts the process if two threads launch at once: one launch at a time.
-_launch_lock = threading.Lock()
+
+@numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+def linear_tile(x, weight, out, tile):
+    """out[:, 4 tile : 4 tile + 4] = x @ weight[4 tile : 4 tile + 4]^T for x `[M, K]`, weight
+    `[N, K]`, out `[M, N]`: one thread's share of a product (kernels/cpu_decode.py calls it too)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    paired = rows - rows % 2
+    o = 4 * tile
+    # Rows two at a time against 4 weight rows; an odd last row, and a short last tile (N % 4
+    # outputs), one dot product at a time.
+    full = o + 4 <= n
+    for m in range(0, paired if full else 0, 2):
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+        for i in range(k):
+            w0, w1, w2, w3 = weight[o, i], weight[o + 1, i], weight[o + 2, i], weight[o + 3, i]
+            xa, xb = x[m, i], x[m + 1, i]
+            a0 += w0 * xa
+            a1 += w1 * xa
+            a2 += w2 * xa
+            a3 += w3 * xa
+            b0 += w0 * xb
+            b1 += w1 * xb
+            b2 += w2 * xb
+            b3 += w3 * xb
+        out[m, o], out[m, o + 1], out[m, o + 2], out[m, o + 3] = a0, a1, a2, a3
+        out[m + 1, o], out[m + 1, o + 1], out[m + 1, o + 2], out[m + 1, o + 3] = b0, b1, b2, b3
+    for m in range(paired if full else 0, rows):
+        for col in range(o, min(o + 4, n)):
+            acc = np.float32(0.0)
+            for i in range(k):
+                acc += weight[col, i] * x[m, i]
+            out[m, col] = acc
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=True, boundscheck=False)
 def _linear_kernel(x, weight, out):
     """out[m, o] = x[m] . weight[o] for x `[M, K]`, weight `[N, K]`, out `[M, N]`."""
-    rows, k = x.shape
-    n = weight.shape[0]
-    paired = rows - rows % 2
-    for tile in numba.prange((n + 3) // 4):
-        o = 4 * tile
-        # Rows two at a time against 4 weight rows; an odd last row, and a short last tile
-        # (N % 4 outputs), one dot product at a time.
-        full = o + 4 <= n
-        for m in range(0, paired if full else 0, 2):
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-            for i in range(k):
-                w0, w1, w2, w3 = weight[o, i], weight[o + 1, i], weight[o + 2, i], weight[o + 3, i]
-                xa, xb = x[m, i], x[m + 1, i]
-                a0 += w0 * xa
-                a1 += w1 * xa
-                a2 += w2 * xa
-                a3 += w3 * xa
-                b0 += w0 * xb
-                b1 += w1 * xb
-                b2 += w2 * xb
-                b3 += w3 * xb
-            out[m, o], out[m, o + 1], out[m, o + 2], out[m, o + 3] = a0, a1, a2, a3
-            out[m + 1, o], out[m + 1, o + 1], out[m + 1, o + 2], out[m + 1, o + 3] = b0, b1, b2, b3
-        for m in range(paired if full else 0, rows):
-            for col in range(o, min(o + 4, n)):
-                acc = np.float32(0.0)
-                for i in range(k):
-                    acc += weight[col, i] * x[m, i]
-                out[m, col] = acc
+    for tile in numba.prange((weight.shape[0] + 3) // 4):
+        linear_tile(x, weight, out, tile)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -89,9 +92,5 @@ def linear_cpu(
         raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     out = torch.empty(x.shape[0], weight.shape[0])
     x_np, weight_np = x.detach().contiguous().numpy(), weight.detach().contiguous().numpy()
-    # The kernel's threads are numba's (OpenMP), as many as torch is told to use unless given.
-    threads = torch.get_num_threads() if num_threads is None else num_threads
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    with _launch_lock:
-        _linear_kernel(x_np, weight_np, out.numpy())
+    launch_parallel(_linear_kernel, x_np, weight_np, out.numpy(), num_threads=num_threads)
     return out if bias is None else out.add_(bias)

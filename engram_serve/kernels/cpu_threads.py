@@ -1,8 +1,12 @@
-"""Splitting a compiled CPU kernel's work across threads without torch's OpenMP pool.
+"""Threads for the compiled CPU kernels.
 
-The numba kernels release the GIL, so plain Python threads run them in parallel. Their work is cut
-into contiguous runs, one per thread, the caller taking the first. This stays out of torch's
-OpenMP fork/join, which matters when a kernel runs while the model computes on the same cores.
+`run_split`: the numba kernels release the GIL, so plain Python threads run them in parallel.
+Their work is cut into contiguous runs, one per thread, the caller taking the first. This stays
+out of torch's OpenMP fork/join, which matters when a kernel runs while the model computes on the
+same cores.
+
+`launch_parallel`: a `parallel=True` kernel (its `prange` loops on numba's threads), on as many
+threads as torch uses.
 """
 
 from __future__ import annotations
@@ -10,10 +14,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numba
 import numpy as np
 import torch
 
+# numba runs parallel kernels on OpenMP (torch's libgomp) when it can load it, else on its
+# workqueue layer, which aborts the process if two threads launch at once: one launch at a time.
+_launch_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
@@ -55,3 +64,11 @@ def _workers(count: int) -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(count, thread_name_prefix="engram-kernel")
             _pool_size = count
         return _pool
+
+
+def launch_parallel(kernel: Callable[..., Any], *args: Any, num_threads: int | None = None) -> Any:
+    """kernel(*args) on `num_threads` of numba's threads (None: torch's thread count)."""
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    with _launch_lock:
+        return kernel(*args)

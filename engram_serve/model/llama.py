@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram_serve.config import EngramConfig, ModelConfig
+from engram_serve.kernels import cpu_decode
 from engram_serve.model.attention import paged_attention
 from engram_serve.model.batch import ForwardBatch
 from engram_serve.model.engram import build_engram
@@ -186,8 +187,40 @@ class LlamaDecoderLayer(nn.Module):
     ) -> torch.Tensor:  # [T, D] -> [T, D]
         if self.engram is not None:
             h = self.apply_engram(h, batch)
+        if batch.attn.is_decode_only and cpu_decode.supports(h, batch.cache.k[self.layer_id]):
+            return self.decode_fused(h, rope, batch)
         h = h + self.self_attn(self.input_layernorm(h), rope, batch)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def decode_fused(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
+    ) -> torch.Tensor:  # [S, D] -> [S, D]: the same layer as one compiled call
+        attn, mlp = self.self_attn, self.mlp
+        qk_norm = hasattr(attn, "q_norm")
+        weights = cpu_decode.LayerWeights(
+            self.input_layernorm.weight,
+            attn.qkv_weight,
+            attn.qkv_bias,
+            attn.q_norm.weight if qk_norm else None,
+            attn.k_norm.weight if qk_norm else None,
+            attn.o_proj.weight,
+            self.post_attention_layernorm.weight,
+            mlp.gate_up_weight,
+            mlp.down_proj.weight,
+        )
+        meta, cache = batch.attn, batch.cache
+        return cpu_decode.decode_layer(
+            h,
+            weights,
+            self.input_layernorm.eps,
+            *rope,
+            cache.k[self.layer_id],
+            cache.v[self.layer_id],
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.seq_lens,
+            attn.scale,
+        )
 
     def apply_engram(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if batch.engram_rows is None:

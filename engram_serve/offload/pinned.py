@@ -88,17 +88,51 @@ class HostMemory:
 def copy_rows(
     src: np.ndarray, dst: np.ndarray, progress: Callable[[int], None] | None = None
 ) -> None:
-    """dst[:] = src[:], in COPY_CHUNK_BYTES pieces: `src` may be a memmap larger than RAM."""
+    """dst[:] = src[:], in COPY_CHUNK_BYTES pieces: `src` may be a memmap larger than RAM.
+
+    A memmap's file is read into `dst` directly and each piece's pages are dropped from the OS
+    page cache behind it: loading a table into RAM leaves no second copy of it there (an 8 GiB
+    table would otherwise hold 8 GiB of cache as well, until memory pressure evicts it).
+    """
     if src.shape != dst.shape:
         raise ValueError(f"copy of {src.shape} into {dst.shape}")
     if not src.size:
         return
     row_bytes = max(1, src.nbytes // max(1, src.shape[0]))
     step = max(1, COPY_CHUNK_BYTES // row_bytes)
-    for start in range(0, src.shape[0], step):
-        dst[start : start + step] = src[start : start + step]
-        if progress is not None:
-            progress(min(step, src.shape[0] - start) * row_bytes)
+    readable = _whole_memmap(src) and dst.flags.c_contiguous and dst.dtype == src.dtype
+    with open(src.filename, "rb") if readable else contextlib.nullcontext() as file:
+        for start in range(0, src.shape[0], step):
+            stop = min(src.shape[0], start + step)
+            if file is None:
+                dst[start:stop] = src[start:stop]
+            else:
+                offset = src.offset + start * row_bytes
+                _read_exactly(file.fileno(), dst[start:stop], offset, src.filename)
+                os.posix_fadvise(file.fileno(), offset, (stop - start) * row_bytes,
+                                 os.POSIX_FADV_DONTNEED)  # fmt: skip
+            if progress is not None:
+                progress((stop - start) * row_bytes)
+
+
+def _whole_memmap(a: np.ndarray) -> bool:
+    """Whether `a` is an np.memmap of a whole contiguous run of its file (not a view into one)."""
+    return (
+        isinstance(a, np.memmap)
+        and a.filename is not None
+        and a.flags.c_contiguous
+        and isinstance(a.base, mmap.mmap)
+    )
+
+
+def _read_exactly(fd: int, dst: np.ndarray, offset: int, name: str) -> None:
+    view = memoryview(dst.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"{name} ended at byte {offset + done}, {len(view) - done} bytes early")
+        done += n
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""The CPU path's decoder layer for decode-only steps (every sequence one new token), float32,
+in one compiled call:
+
+    x = RMSNorm_1(h);  q, k, v = x W_qkv^T (+ b);  q, k = RoPE(q, k)   (Qwen3: q/k norm first)
+    cache[slot] = k, v;  h += W_o attention(q, cache)
+    x = RMSNorm_2(h);  h += W_down (SiLU(x W_gate^T) * x W_up^T)
+
+Decoding one sequence reads all the weights for a single row, so a token costs what reading 540
+MB of the default model costs (~43 ms on this project's machines), plus the layers' small
+operations: norms, RoPE, the KV write, residual adds, SiLU. In eager torch those are ~12 calls a
+layer that took ~30 ms a token together, each 20-80 us because the weight stream between them
+evicts the caches that torch's dispatch runs from. Here they are a few loops between the
+matrix products, which are kernels/cpu_linear.py's tiles and kernels/cpu_attention.py's
+per-sequence attention, so the arithmetic is theirs; norms and RoPE sum in another order than
+torch's, so results differ from the unfused layer in the last bits (tests/test_kernels.py bounds
+it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+import torch
+
+from engram_serve.kernels.cpu_attention import attention_kernel
+from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_tile
+from engram_serve.kernels.cpu_threads import launch_parallel
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's parameters, float32 (names as in model/llama.py)."""
+
+    input_norm: torch.Tensor  # [D]
+    qkv: torch.Tensor  # [(H + 2 KVH) hd, D]
+    qkv_bias: torch.Tensor | None  # [(H + 2 KVH) hd] (Qwen2)
+    q_norm: torch.Tensor | None  # [hd] (Qwen3)
+    k_norm: torch.Tensor | None  # [hd]
+    o_proj: torch.Tensor  # [D, H hd]
+    post_norm: torch.Tensor  # [D]
+    gate_up: torch.Tensor  # [2 FF, D]
+    down: torch.Tensor  # [D, FF]
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+def _rms_norm(x, weight, eps, out):
+    """out[m] = weight * x[m] / sqrt(mean(x[m]^2) + eps) for x `[M, D]`."""
+    rows, dim = x.shape
+    for m in range(rows):
+        total = np.float32(0.0)
+        for i in range(dim):
+            total += x[m, i] * x[m, i]
+        inv = np.float32(1.0) / np.sqrt(total / np.float32(dim) + eps)
+        for i in range(dim):
+            out[m, i] = weight[i] * (x[m, i] * inv)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+def _head_norm(qkv, s, base, hd, weight, eps):
+    """RMSNorm of one head's vector, qkv[s, base : base + hd], in place."""
+    total = np.float32(0.0)
+    for d in range(hd):
+        total += qkv[s, base + d] * qkv[s, base + d]
+    inv = np.float32(1.0) / np.sqrt(total / np.float32(hd) + eps)
+    for d in range(hd):
+        qkv[s, base + d] = weight[d] * (qkv[s, base + d] * inv)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=True, boundscheck=False)
+def _decode_layer_kernel(
+    h, input_norm, qkv_w, qkv_b, q_norm, k_norm, o_w, post_norm, gate_up_w, down_w,
+    cos, sin, k_cache, v_cache, slots, block_tables, seq_lens, eps, scale, out,
+):  # fmt: skip
+    """out = the layer applied to h `[S, D]` (token s is sequence s's); K/V written to the cache.
+    cos, sin `[S, hd/2]`; q/k norms and the bias may be None."""
+    num_seqs, dim = h.shape
+    _, block_size, kv_heads, hd = k_cache.shape
+    heads = (qkv_w.shape[0] // hd) - 2 * kv_heads
+    group, half = heads // kv_heads, hd // 2
+
+    x = np.empty((num_seqs, dim), np.float32)
+    _rms_norm(h, input_norm, eps, x)
+    qkv = np.empty((num_seqs, qkv_w.shape[0]), np.float32)
+    for tile in numba.prange((qkv_w.shape[0] + 3) // 4):
+        linear_tile(x, qkv_w, qkv, tile)
+
+    # Bias, q/k norms, RoPE (pairs (j, j + hd/2)), then K and V into their cache slots.
+    q = np.empty((num_seqs, kv_heads, group, hd), np.float32)
+    vec = np.empty(hd, np.float32)
+    for s in range(num_seqs):
+        if qkv_b is not None:
+            for j in range(qkv.shape[1]):
+                qkv[s, j] += qkv_b[j]
+        block, offset = slots[s] // block_size, slots[s] % block_size
+        for head in range(heads + kv_heads):
+            base = head * hd
+            if q_norm is not None:
+                _head_norm(qkv, s, base, hd, q_norm if head < heads else k_norm, eps)
+            for d in range(half):
+                x1, x2 = qkv[s, base + d], qkv[s, base + half + d]
+                vec[d] = x1 * cos[s, d] - x2 * sin[s, d]
+                vec[half + d] = x2 * cos[s, d] + x1 * sin[s, d]
+            if head < heads:
+                q[s, head // group, head % group, :] = vec
+            else:
+                k_cache[block, offset, head - heads, :] = vec
+        for kv in range(kv_heads):
+            base = (heads + kv_heads + kv) * hd
+            v_cache[block, offset, kv, :] = qkv[s, base : base + hd]
+
+    attn = np.empty((num_seqs, kv_heads, group, hd), np.float32)
+    for s in numba.prange(num_seqs):
+        attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, s, s + 1, attn)
+    proj = np.empty((num_seqs, dim), np.float32)
+    attn_rows = attn.reshape((num_seqs, heads * hd))
+    for tile in numba.prange((dim + 3) // 4):
+        linear_tile(attn_rows, o_w, proj, tile)
+    for s in range(num_seqs):
+        for i in range(dim):
+            out[s, i] = h[s, i] + proj[s, i]
+
+    _rms_norm(out, post_norm, eps, x)
+    ff = down_w.shape[1]
+    gate_up = np.empty((num_seqs, 2 * ff), np.float32)
+    for tile in numba.prange((2 * ff + 3) // 4):
+        linear_tile(x, gate_up_w, gate_up, tile)
+    act = np.empty((num_seqs, ff), np.float32)
+    for s in range(num_seqs):
+        for j in range(ff):
+            gate = gate_up[s, j]
+            act[s, j] = gate / (np.float32(1.0) + np.exp(-gate)) * gate_up[s, ff + j]
+    for tile in numba.prange((dim + 3) // 4):
+        linear_tile(act, down_w, proj, tile)
+    for s in range(num_seqs):
+        for i in range(dim):
+            out[s, i] += proj[s, i]
+
+
+def supports(h: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether this kernel can run the layer: float32 CPU tensors, 1..MAX_ROWS sequences."""
+    return (
+        h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and k_cache.dtype == torch.float32
+        and h.dim() == 2
+        and 0 < h.shape[0] <= MAX_ROWS
+    )
+
+
+def decode_layer(
+    h: torch.Tensor,  # [S, D] float32, token s is sequence s's one new token
+    weights: LayerWeights,
+    eps: float,
+    cos: torch.Tensor,  # [S, 1, hd/2] (model/llama.RotaryEmbedding)
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd], written in place
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [S] int64
+    block_tables: torch.Tensor,  # [S, max_blocks] int64
+    seq_lens: torch.Tensor,  # [S] int64, each >= 1, the new token included
+    scale: float,
+) -> torch.Tensor:  # [S, D], the layer's output (h is not changed)
+    given = [w for w in weights if w is not None]
+    if not supports(h, k_cache) or any(t.dtype != torch.float32 for t in [v_cache, *given]):
+        raise ValueError(
+            f"decode_layer needs float32 CPU tensors and 1..{MAX_ROWS} sequences, got h "
+            f"{h.dtype} {tuple(h.shape)} on {h.device}"
+        )
+    if (weights.q_norm is None) != (weights.k_norm is None):
+        raise ValueError("q_norm and k_norm come together")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+    num_seqs = h.shape[0]
+    if not (slot_mapping.shape == seq_lens.shape == (num_seqs,) == block_tables.shape[:1]):
+        raise ValueError(
+            f"{num_seqs} tokens need {num_seqs} slots, lengths and block tables, got "
+            f"{tuple(slot_mapping.shape)}, {tuple(seq_lens.shape)}, {tuple(block_tables.shape)}"
+        )
+    # The kernel reads and writes without bounds checks: every slot, length and block id must
+    # lie in the pool.
+    slots, tables, lens = (t.contiguous().numpy() for t in (slot_mapping, block_tables, seq_lens))
+    num_blocks, block_size = k_cache.shape[:2]
+    if tables.min() < 0 or tables.max() >= num_blocks:
+        raise ValueError(f"block ids span [{tables.min()}, {tables.max()}], outside the pool")
+    if lens.min() < 1 or lens.max() > tables.shape[1] * block_size:
+        raise ValueError(f"seq_lens span [{lens.min()}, {lens.max()}], beyond the block tables")
+    if slots.min() < 0 or slots.max() >= num_blocks * block_size:
+        raise ValueError(f"slots span [{slots.min()}, {slots.max()}], outside the pool")
+    out = torch.empty_like(h)
+    arrays = [None if w is None else w.detach().contiguous().numpy() for w in weights]
+    launch_parallel(
+        _decode_layer_kernel,
+        h.contiguous().numpy(),
+        *arrays,
+        cos.reshape(num_seqs, -1).contiguous().numpy(),
+        sin.reshape(num_seqs, -1).contiguous().numpy(),
+        k_cache.numpy(),
+        v_cache.numpy(),
+        slots,
+        tables,
+        lens,
+        np.float32(eps),
+        np.float32(scale),
+        out.numpy(),
+    )
+    return out
