@@ -603,3 +603,45 @@ def test_bench_offload_ratios_are_taken_within_rounds():
     assert summary["disk-no-cache"]["vs_device"] == pytest.approx(73 / 72)
     alone = summarize([{"name": "disk", "round": 0, "output_tok_s": 5.0}])
     assert alone["disk"]["vs_device"] is None  # no device run: nothing to compare with
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the OS page cache (mincore over a fresh mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+        view = np.frombuffer(m, np.uint8)
+        failed = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        del view
+    assert failed == 0, f"mincore failed: errno {ctypes.get_errno()}"
+    return sum(v & 1 for v in vec)
+
+
+def test_loading_a_table_into_ram_leaves_no_copy_in_the_page_cache(tmp_path, monkeypatch):
+    """The device tier's copy of a table file equals the file's bytes, copied in several pieces
+    (COPY_CHUNK_BYTES made small), and the file's pages, all cached before, are dropped from the
+    page cache behind the copy."""
+    from engram_serve.offload.tiers import device_store
+
+    monkeypatch.setattr(pinned, "COPY_CHUNK_BYTES", 100_000)
+    config = EngramConfig(engram_vocab_size=(20011, 20011), layer_ids=(2,), table_dtype="fp8_e4m3")
+    layout = table_layouts(config)[0]
+    path = table_path(tmp_path, 2)
+    path.parent.mkdir(parents=True)
+    write_random_table(path, layout, seed=3)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # written back: dirty pages cannot be dropped
+    data = path.read_bytes()  # every page cached (read, not mapped: mapped pages stay cached)
+    assert _resident_pages(path) == -(-len(data) // os.sysconf("SC_PAGE_SIZE"))
+    table = open_table(tmp_path, 2)
+    store = device_store(table, torch.device("cpu"))
+    for got, array in ((store.weight, table.weight), (store.scale, table.scale)):
+        start = array.offset
+        want = np.frombuffer(data, np.uint8, array.nbytes, start).reshape(array.shape[0], -1)
+        assert np.array_equal(got.view(torch.uint8).numpy().reshape(want.shape), want)
+    assert _resident_pages(path) <= 2  # at most the header's page and the last partial one

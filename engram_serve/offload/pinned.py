@@ -31,6 +31,7 @@ import torch
 
 MAX_REGISTER_BYTES = 64 << 30
 COPY_CHUNK_BYTES = 64 << 20
+_MAX_FOLIO = 2 << 20  # the largest page-cache folio on x86-64 and arm64 with 4 KiB pages
 SHM_DIR = Path(os.environ.get("ENGRAM_SHM_DIR", "/dev/shm"))
 _CUDA_HOST_REGISTER_MAPPED = 0x02
 _CUDA_HOST_REGISTER_PORTABLE = 0x01
@@ -92,7 +93,8 @@ def copy_rows(
 
     A memmap's file is read into `dst` directly and each piece's pages are dropped from the OS
     page cache behind it: loading a table into RAM leaves no second copy of it there (an 8 GiB
-    table would otherwise hold 8 GiB of cache as well, until memory pressure evicts it).
+    table would otherwise hold 8 GiB of cache as well, until memory pressure evicts it). Pages
+    some process has mapped (the memmap itself, once read through) stay cached.
     """
     if src.shape != dst.shape:
         raise ValueError(f"copy of {src.shape} into {dst.shape}")
@@ -101,16 +103,21 @@ def copy_rows(
     row_bytes = max(1, src.nbytes // max(1, src.shape[0]))
     step = max(1, COPY_CHUNK_BYTES // row_bytes)
     readable = _whole_memmap(src) and dst.flags.c_contiguous and dst.dtype == src.dtype
+    dropped = src.offset - src.offset % _MAX_FOLIO if readable else 0  # cache dropped up to
     with open(src.filename, "rb") if readable else contextlib.nullcontext() as file:
         for start in range(0, src.shape[0], step):
             stop = min(src.shape[0], start + step)
             if file is None:
                 dst[start:stop] = src[start:stop]
             else:
-                offset = src.offset + start * row_bytes
-                _read_exactly(file.fileno(), dst[start:stop], offset, src.filename)
-                os.posix_fadvise(file.fileno(), offset, (stop - start) * row_bytes,
-                                 os.POSIX_FADV_DONTNEED)  # fmt: skip
+                end = src.offset + stop * row_bytes
+                _read_exactly(file.fileno(), dst[start:stop], end - (stop - start) * row_bytes,
+                              src.filename)  # fmt: skip
+                # Only cached folios (up to 2 MiB, aligned to their size) the range covers
+                # whole are dropped: start each drop at the 2 MiB boundary where the last one
+                # may have left a folio.
+                os.posix_fadvise(file.fileno(), dropped, end - dropped, os.POSIX_FADV_DONTNEED)
+                dropped = end - end % _MAX_FOLIO
             if progress is not None:
                 progress((stop - start) * row_bytes)
 
