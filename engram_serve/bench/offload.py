@@ -22,8 +22,9 @@ tables in each tier in turn.
    serves none of them.
 4. Per tier: output tok/s and its ratio to device, cache hit rate, rows and bytes read per tier,
    rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
-   storage (/proc/self/io), CPU time, and how contended the machine was (load average, CPU
-   pressure: the share of the run in which some task waited for a core). JSON and a PNG.
+   storage (/proc/self/io), CPU time and page faults, and how contended the machine was (load
+   average, CPU pressure: the share of the run in which some task waited for a core). JSON and
+   a PNG.
    The machine may be shared and its speed drifts: use --repeats (rounds of every tier, in
    order and then reversed); a tier's ratio to device is the median over rounds of its run
    against the device run of the same round.
@@ -35,6 +36,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import time
@@ -241,8 +243,10 @@ def run_tier(
         drop_page_cache(model_dir, config)
         load, read_before, waiting = os.getloadavg(), storage_read_bytes(), cpu_waiting_s()
         before, cpu_before = counters(prefetcher.stats), os.times()
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         seconds = run_engine(engine, workload)
         cpu = [a - b for a, b in zip(os.times(), cpu_before, strict=True)]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
         stats = delta(counters(prefetcher.stats), before)
         read_after, waiting_after = storage_read_bytes(), cpu_waiting_s()
     finally:
@@ -261,6 +265,7 @@ def run_tier(
         "storage_read_bytes": None if read_before is None else read_after - read_before,
         "cpu_user_s": cpu[0],  # all of the process's threads: forward, fetch and I/O
         "cpu_system_s": cpu[1],
+        "page_faults": faults,  # minor: memory the run touched for the first time
         "cpu_pressure": None if waiting is None else (waiting_after - waiting) / seconds,
         "load_avg_before": load[0],
         "load_avg_after": os.getloadavg()[0],
@@ -286,7 +291,8 @@ def print_row(r: dict[str, Any], vs_device: float | None) -> None:
         f"stall {r['stall_s']:6.2f} s  read {fmt_tiers(r['rows_read'])}  "
         f"ahead {r['warmed']:,}  storage {'-' if storage is None else storage / 2**20:,.0f} MiB  "
         f"cpu {(r['cpu_user_s'] + r['cpu_system_s']) / r['seconds']:.2f} cores "
-        f"(sys {r['cpu_system_s']:.1f} s)  cpu pressure {r['cpu_pressure'] or 0:.0%}  "
+        f"(sys {r['cpu_system_s']:.1f} s, {r['page_faults']:,} faults)  "
+        f"cpu pressure {r['cpu_pressure'] or 0:.0%}  "
         f"load {r['load_avg_before']:.1f}-{r['load_avg_after']:.1f}",
         flush=True,
     )

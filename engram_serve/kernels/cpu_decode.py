@@ -12,8 +12,9 @@ layer that took ~30 ms a token together, each 20-80 us because the weight stream
 evicts the caches that torch's dispatch runs from. Here they are a few loops between the
 matrix products, which are kernels/cpu_linear.py's tiles and kernels/cpu_attention.py's
 per-sequence attention, so the arithmetic is theirs; norms and RoPE sum in another order than
-torch's, so results differ from the unfused layer in the last bits (tests/test_kernels.py bounds
-it).
+torch's, so results differ from the unfused layer in the last bits (tests/test_llama.py bounds
+it). Single-stream decode of the default model: 21.0-24.5 tok/s, against 15.5-19.0 with the
+eager layers (3 runs of 64 tokens each, alternating, same process).
 """
 
 from __future__ import annotations
