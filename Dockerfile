@@ -81,8 +81,10 @@ COPY --from=build /opt/venv /opt/venv
 USER ${ENGRAM_UID}:${ENGRAM_UID}
 WORKDIR /home/engram
 # Convert the embedded default model once, here, so a container serves it at once; one
-# generation (on the CPU: builds have no GPU) is also a smoke test of the installed image.
-RUN engram-serve generate "Hello" --max-tokens 1 > /dev/null
+# generation (on the CPU: builds have no GPU) is also a smoke test of the installed image. Its
+# second token is a decode step: the CPU kernels (the fused decode layer takes ~35 s) compile
+# into the numba cache now, not on a container's first request.
+RUN engram-serve generate "Hello" --max-tokens 2 > /dev/null
 # Model directories and Engram tables come from volumes: --model /models/NAME,
 # --engram-table-path /tables/NAME (disk tier: put /tables on local NVMe).
 VOLUME ["/models", "/tables"]

@@ -276,7 +276,10 @@ def run_tier(
 def run_in_own_process(*args: Any) -> dict[str, Any]:
     """`run_tier` in a fresh process. Runs in one process were not independent: a disk run after
     the device tier's stalled 1.6-2.1 s where the first run of a process stalled 0.4-0.6 s and
-    runs in fresh processes 0.4-0.9 s (random prompts, same settings; cause not found)."""
+    runs in fresh processes 0.4-0.9 s (random prompts, same settings). Fresh processes still
+    see what the last one did to the machine: a disk run right after a device run (or after a
+    process that touched and freed 16 GiB) ran 63-66 tok/s where disk runs after disk runs ran
+    72-77; hence the ABBA rounds in `run_all`."""
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
         return pool.submit(run_tier, *args).result()
