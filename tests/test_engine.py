@@ -149,6 +149,34 @@ def test_abort_frees_kv_blocks(llm):
     assert engine.abort_request(request.request_id) is None
 
 
+def test_warm_up_runs_a_decode_step_and_leaves_the_engine_as_it_was(llm, monkeypatch):
+    from engram_serve.kernels import cpu_decode
+
+    engine = llm.engine
+    prompt = "Water boils at"
+    before = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
+    free, stats = engine.blocks.num_free_blocks, engine.stats
+    fused, original = [], cpu_decode.decode_layer
+
+    def counted(*args, **kwargs):
+        fused.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_decode, "decode_layer", counted)
+    engine.warm_up()
+    assert fused, "the warm-up ran no decode step"
+    assert not engine.has_unfinished_requests() and not engine.trackers
+    assert engine.blocks.num_free_blocks == free
+    assert engine.stats.num_prompt_tokens == engine.stats.num_generation_tokens == 0
+    assert stats.num_generation_tokens > 0  # the counters it replaced had counted something
+    assert llm.generate(prompt, GREEDY)[0].outputs[0].token_ids == before
+    engine.add_request([1, 2, 3], GREEDY)
+    with pytest.raises(RuntimeError, match="before any request"):
+        engine.warm_up()
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def test_greedy_equivalents_top_k_one_and_min_p_one(llm):
     prompt = "Water boils at"
     greedy = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids

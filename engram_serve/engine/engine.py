@@ -131,6 +131,23 @@ class Engine:
         self.trackers[request.request_id] = OutputTracker(request, self.tokenizer)
         return request
 
+    def warm_up(self) -> None:
+        """Run one request of two tokens, a prefill step and a decode step, so that the compiled
+        kernels are built (or loaded from their caches) before a client waits on them: on a
+        fresh machine the CPU decode layer takes ~35 s to compile. Its tokens are not counted in
+        `stats` (the server's token metrics start at zero); its Engram rows are (they were
+        read)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up runs before any request is added")
+        start = time.perf_counter()
+        logger.info("warming up: one prefill and one decode step (compiles kernels on first use)")
+        greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        self.add_request([0] * 4, greedy, request_id=f"warm-up-{next(self._request_ids)}")
+        while self.has_unfinished_requests():
+            self.step()
+        self.stats = StepStats()
+        logger.info("warmed up in %.1f s", time.perf_counter() - start)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort(request_id)
         if request is None:

@@ -709,7 +709,9 @@ def run_server(args: argparse.Namespace) -> None:
     if config.workers == 1:
         from engram_serve.cli import engine_from_args
 
-        uvicorn.run(build_app(engine_from_args(args), config), **options)
+        engine = engine_from_args(args)
+        engine.warm_up()
+        uvicorn.run(build_app(engine, config), **options)
         return
     _run_workers(args, config, options)
 
@@ -736,7 +738,9 @@ def create_worker_app() -> FastAPI:
 
     args = argparse.Namespace(**json.loads(os.environ[WORKER_ARGS_ENV]))
     _setup_logging(args.log_level)
-    return build_app(engine_from_args(args), server_config_from_args(args))
+    engine = engine_from_args(args)
+    engine.warm_up()
+    return build_app(engine, server_config_from_args(args))
 
 
 def _setup_logging(level: str) -> None:
