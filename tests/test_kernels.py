@@ -642,8 +642,11 @@ def test_cpu_decode_layer_refuses_what_it_cannot_run():
 
     out = call()
     assert out.shape == h.shape and out.isfinite().all() and not torch.equal(out, h)
-    assert not cpu_decode.supports(torch.randn(MAX_ROWS + 1, 8), k)
-    assert not cpu_decode.supports(h.bfloat16(), k)
+    assert cpu_decode.supports(h, weights.qkv, k)
+    assert not cpu_decode.supports(torch.randn(MAX_ROWS + 1, 8), weights.qkv, k)
+    assert not cpu_decode.supports(h.bfloat16(), weights.qkv, k)
+    assert not cpu_decode.supports(h, weights.qkv.bfloat16(), k)
+    assert not cpu_decode.supports(h, weights.qkv, k.bfloat16())
     with pytest.raises(ValueError, match="needs float32 CPU tensors"):
         call(h=h.double())
     with pytest.raises(ValueError, match="needs float32 CPU tensors"):
@@ -656,7 +659,7 @@ def test_cpu_decode_layer_refuses_what_it_cannot_run():
         call(slot_mapping=meta["slot_mapping"][:1])
     with pytest.raises(ValueError, match=r"block ids span \[2, 3\], outside the pool"):
         call(block_tables=meta["block_tables"] + 1)
-    with pytest.raises(ValueError, match=r"seq_lens span \[1, 5\], beyond the block tables"):
+    with pytest.raises(ValueError, match=r"seq_lens span \[1, 5\], outside \[1, 4\]"):
         call(seq_lens=torch.tensor([1, 5]))
     with pytest.raises(ValueError, match=r"slots span \[4, 12\], outside the pool"):
         call(slot_mapping=torch.tensor([4, 12]))

@@ -68,6 +68,16 @@ def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, 
         out[seq] = acc
 
 
+def check_in_pool(tables: np.ndarray, lens: np.ndarray, k_cache: torch.Tensor) -> None:
+    """The kernel reads without bounds checks: every length must fit its block table and every
+    block id must lie in the pool, or this raises ValueError."""
+    capacity = tables.shape[1] * k_cache.shape[1]
+    if lens.min() < 1 or lens.max() > capacity:
+        raise ValueError(f"seq_lens span [{lens.min()}, {lens.max()}], outside [1, {capacity}]")
+    if tables.min() < 0 or tables.max() >= k_cache.shape[0]:
+        raise ValueError(f"block ids span [{tables.min()}, {tables.max()}], outside the pool")
+
+
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether this kernel can run the call: float32 CPU tensors (numba has no bf16)."""
     return q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
@@ -99,12 +109,7 @@ def decode_attention_cpu(
         return out.view(num_seqs, num_heads, hd)
     q_np = q.contiguous().view(num_seqs, kv_heads, num_heads // kv_heads, hd).numpy()
     tables, lens = block_tables.contiguous().numpy(), seq_lens.contiguous().numpy()
-    # The kernel reads without bounds checks: every length and block id must lie in the pool.
-    capacity = tables.shape[1] * k_cache.shape[1]
-    if lens.min() < 1 or lens.max() > capacity:
-        raise ValueError(f"seq_lens span [{lens.min()}, {lens.max()}], outside [1, {capacity}]")
-    if tables.min() < 0 or tables.max() >= k_cache.shape[0]:
-        raise ValueError(f"block ids span [{tables.min()}, {tables.max()}], outside the pool")
+    check_in_pool(tables, lens, k_cache)
     k_np, v_np, out_np = k_cache.numpy(), v_cache.numpy(), out.numpy()
     run_split(
         num_seqs,

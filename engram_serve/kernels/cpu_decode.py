@@ -25,7 +25,8 @@ import numba
 import numpy as np
 import torch
 
-from engram_serve.kernels.cpu_attention import attention_kernel
+from engram_serve.kernels import cpu_linear
+from engram_serve.kernels.cpu_attention import attention_kernel, check_in_pool
 from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_tile
 from engram_serve.kernels.cpu_threads import launch_parallel
 
@@ -46,7 +47,7 @@ class LayerWeights(NamedTuple):
 
 @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
 def _rms_norm(x, weight, eps, out):
-    """out[m] = weight * x[m] / sqrt(mean(x[m]^2) + eps) for x `[M, D]`."""
+    """out[m] = weight * x[m] / sqrt(mean(x[m]^2) + eps) for x `[M, D]`; out may be x."""
     rows, dim = x.shape
     for m in range(rows):
         total = np.float32(0.0)
@@ -55,17 +56,6 @@ def _rms_norm(x, weight, eps, out):
         inv = np.float32(1.0) / np.sqrt(total / np.float32(dim) + eps)
         for i in range(dim):
             out[m, i] = weight[i] * (x[m, i] * inv)
-
-
-@numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
-def _head_norm(qkv, s, base, hd, weight, eps):
-    """RMSNorm of one head's vector, qkv[s, base : base + hd], in place."""
-    total = np.float32(0.0)
-    for d in range(hd):
-        total += qkv[s, base + d] * qkv[s, base + d]
-    inv = np.float32(1.0) / np.sqrt(total / np.float32(hd) + eps)
-    for d in range(hd):
-        qkv[s, base + d] = weight[d] * (qkv[s, base + d] * inv)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=True, boundscheck=False)
@@ -97,7 +87,8 @@ def _decode_layer_kernel(
         for head in range(heads + kv_heads):
             base = head * hd
             if q_norm is not None:
-                _head_norm(qkv, s, base, hd, q_norm if head < heads else k_norm, eps)
+                vector = qkv[s : s + 1, base : base + hd]
+                _rms_norm(vector, q_norm if head < heads else k_norm, eps, vector)
             for d in range(half):
                 x1, x2 = qkv[s, base + d], qkv[s, base + half + d]
                 vec[d] = x1 * cos[s, d] - x2 * sin[s, d]
@@ -138,15 +129,10 @@ def _decode_layer_kernel(
             out[s, i] += proj[s, i]
 
 
-def supports(h: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether this kernel can run the layer: float32 CPU tensors, 1..MAX_ROWS sequences."""
-    return (
-        h.device.type == "cpu"
-        and h.dtype == torch.float32
-        and k_cache.dtype == torch.float32
-        and h.dim() == 2
-        and 0 < h.shape[0] <= MAX_ROWS
-    )
+def supports(h: torch.Tensor, qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether this kernel can run the layer: what cpu_linear's tiles take (float32 CPU rows,
+    1..MAX_ROWS of them, against the float32 QKV weight), and a float32 cache."""
+    return cpu_linear.supports(h, qkv) and k_cache.dtype == torch.float32
 
 
 def decode_layer(
@@ -162,8 +148,8 @@ def decode_layer(
     seq_lens: torch.Tensor,  # [S] int64, each >= 1, the new token included
     scale: float,
 ) -> torch.Tensor:  # [S, D], the layer's output (h is not changed)
-    given = [w for w in weights if w is not None]
-    if not supports(h, k_cache) or any(t.dtype != torch.float32 for t in [v_cache, *given]):
+    tensors = [v_cache, *(w for w in weights if w is not None)]
+    if not supports(h, weights.qkv, k_cache) or any(t.dtype != torch.float32 for t in tensors):
         raise ValueError(
             f"decode_layer needs float32 CPU tensors and 1..{MAX_ROWS} sequences, got h "
             f"{h.dtype} {tuple(h.shape)} on {h.device}"
@@ -181,12 +167,8 @@ def decode_layer(
     # The kernel reads and writes without bounds checks: every slot, length and block id must
     # lie in the pool.
     slots, tables, lens = (t.contiguous().numpy() for t in (slot_mapping, block_tables, seq_lens))
-    num_blocks, block_size = k_cache.shape[:2]
-    if tables.min() < 0 or tables.max() >= num_blocks:
-        raise ValueError(f"block ids span [{tables.min()}, {tables.max()}], outside the pool")
-    if lens.min() < 1 or lens.max() > tables.shape[1] * block_size:
-        raise ValueError(f"seq_lens span [{lens.min()}, {lens.max()}], beyond the block tables")
-    if slots.min() < 0 or slots.max() >= num_blocks * block_size:
+    check_in_pool(tables, lens, k_cache)
+    if slots.min() < 0 or slots.max() >= k_cache.shape[0] * k_cache.shape[1]:
         raise ValueError(f"slots span [{slots.min()}, {slots.max()}], outside the pool")
     out = torch.empty_like(h)
     arrays = [None if w is None else w.detach().contiguous().numpy() for w in weights]

@@ -187,7 +187,8 @@ class LlamaDecoderLayer(nn.Module):
     ) -> torch.Tensor:  # [T, D] -> [T, D]
         if self.engram is not None:
             h = self.apply_engram(h, batch)
-        if batch.attn.is_decode_only and cpu_decode.supports(h, batch.cache.k[self.layer_id]):
+        fusable = cpu_decode.supports(h, self.self_attn.qkv_weight, batch.cache.k[self.layer_id])
+        if batch.attn.is_decode_only and fusable:
             return self.decode_fused(h, rope, batch)
         h = h + self.self_attn(self.input_layernorm(h), rope, batch)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -110,9 +110,8 @@ def copy_rows(
             if file is None:
                 dst[start:stop] = src[start:stop]
             else:
-                end = src.offset + stop * row_bytes
-                _read_exactly(file.fileno(), dst[start:stop], end - (stop - start) * row_bytes,
-                              src.filename)  # fmt: skip
+                offset, end = src.offset + start * row_bytes, src.offset + stop * row_bytes
+                _read_exactly(file.fileno(), dst[start:stop], offset, src.filename)
                 # Only cached folios (up to 2 MiB, aligned to their size) the range covers
                 # whole are dropped: start each drop at the 2 MiB boundary where the last one
                 # may have left a folio.
