@@ -494,7 +494,9 @@ def test_cpu_decode_attention_equals_twin(num_threads, heads, kv_heads, hd, bloc
     q, k_cache, v_cache, tables, lens = _decode_case(seq_lens, heads, kv_heads, hd, block_size, 0)
     got = decode_attention_cpu(q, k_cache, v_cache, tables, lens, 0.2, num_threads=num_threads)
     want = decode_attention(q, k_cache, v_cache, tables, lens, max(seq_lens), 0.2)
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    # Both sum in float32 in their own order, and SDPA's order depends on the CPU (its AVX2 and
+    # AVX-512 kernels differ by up to 3e-6 here).
+    torch.testing.assert_close(got, want, atol=5e-6, rtol=1e-5)
 
 
 def test_cpu_decode_attention_reads_nothing_past_a_sequences_length():

@@ -22,11 +22,17 @@ batches of 1 to 256 rows, `F.linear` (MKL) against kernels/cpu_linear.py; weight
 GFLOP/s. The weights are random (only their shapes matter) and, together, far larger than the
 caches, as in the model.
 
+CPU decode attention (`--attention`): one decode step's paged attention over the default model's
+30 layers (9 query heads, 3 KV heads of 64) for 1 to 64 sequences of 150-300 cached tokens in
+blocks of 16 scattered over the pool, kernels/cpu_attention.py against its torch twin
+(model/attention.decode_attention); K/V GB/s read.
+
 GPU (skipped without CUDA): the Triton hash against NgramHasher (numba), the Triton gather from
 device memory and from pinned host memory (UVA) against torch indexing, the fused gate against
 its twin.
 
-`python -m engram_serve.bench.kernels [--table-gib 2] [--repeats 20] [--linear] [--json out.json]`
+`python -m engram_serve.bench.kernels [--table-gib 2] [--repeats 20] [--linear] [--attention]
+[--json out.json]`
 """
 
 from __future__ import annotations
@@ -318,6 +324,61 @@ def _cuda_time(fn: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
+ATTENTION_SEQS = (1, 16, 64)
+
+
+def bench_cpu_attention(repeats: int = 10) -> dict:
+    """Median and best time of one decode step's attention, per batch size and method."""
+    from engram_serve.kernels.cpu_attention import decode_attention_cpu
+    from engram_serve.model.attention import decode_attention
+
+    layers, heads, kv_heads, hd, block_size = 30, 9, 3, 64, 16
+    gen = torch.Generator().manual_seed(0)
+    results: dict = {"threads": torch.get_num_threads()}
+    for num_seqs in ATTENTION_SEQS:
+        lens = torch.randint(150, 301, (num_seqs,), generator=gen)
+        blocks_per_seq = 300 // block_size + 1
+        num_blocks = num_seqs * blocks_per_seq
+        tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, blocks_per_seq)
+        shape = (num_blocks, block_size, kv_heads, hd)
+        caches = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))]
+        caches += [(torch.randn(shape), torch.randn(shape)) for _ in range(layers - 1)]
+        q = torch.randn(num_seqs, heads, hd, generator=gen)
+        methods = {
+            "torch_twin": partial(
+                decode_attention, q, block_tables=tables, seq_lens=lens,
+                max_len=int(lens.max()), scale=0.125,
+            ),
+            "cpu_attention": partial(
+                decode_attention_cpu, q, block_tables=tables, seq_lens=lens, scale=0.125
+            ),
+        }  # fmt: skip
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for i in range(repeats + 1):  # in turn, so a busy machine slows both alike
+            for name, fn in methods.items():
+                start = time.perf_counter()
+                for k, v in caches:
+                    fn(k, v)
+                if i:  # the first pass warms up (and compiles)
+                    times[name].append(time.perf_counter() - start)
+        kv_bytes = 2 * layers * int(lens.sum()) * kv_heads * hd * 4
+        entry = {"kv_mb": kv_bytes / 1e6, **{n: _median_min(t) for n, t in times.items()}}
+        for name in methods:
+            entry[name]["kv_gb_s"] = kv_bytes / (entry[name]["median_ms"] / 1e3) / 1e9
+        entry["speedup_median"] = (
+            entry["torch_twin"]["median_ms"] / entry["cpu_attention"]["median_ms"]
+        )
+        results[str(num_seqs)] = entry
+        print(
+            f"  {num_seqs:3d} seqs ({entry['kv_mb']:6.1f} MB of K/V)  torch twin "
+            f"{entry['torch_twin']['median_ms']:7.1f} ms  cpu_attention "
+            f"{entry['cpu_attention']['median_ms']:7.1f} ms "
+            f"({entry['cpu_attention']['kv_gb_s']:5.1f} GB/s)  {entry['speedup_median']:4.2f}x",
+            flush=True,
+        )
+    return results
+
+
 def bench_gpu(repeats: int = 50, host_table_gib: float = 4.0) -> dict:
     """Triton kernels on CUDA; {"skipped": reason} without it."""
     if not torch.cuda.is_available():
@@ -409,11 +470,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--skip-cpu", action="store_true", help="skip the CPU gather")
     parser.add_argument("--linear", action="store_true", help="also the CPU linear kernel")
+    parser.add_argument(
+        "--attention", action="store_true", help="also the CPU decode attention kernel"
+    )
     args = parser.parse_args(argv)
     results = {}
     if args.linear:
         print(f"CPU linear, the default model's matmuls, {torch.get_num_threads()} threads")
         results["cpu_linear"] = bench_cpu_linear(args.repeats)
+    if args.attention:
+        threads = torch.get_num_threads()
+        print(f"CPU decode attention, 30 layers of the default model, {threads} threads")
+        results["cpu_attention"] = bench_cpu_attention(args.repeats)
     if not args.skip_cpu:
         results["cpu_gather"] = cpu = bench_cpu_gather(args.table_gib, args.repeats)
         print(

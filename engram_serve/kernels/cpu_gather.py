@@ -18,40 +18,22 @@ import math
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba.extending import intrinsic
 
 from engram_serve.kernels import reference
+from engram_serve.kernels.cpu_prefetch import prefetch_bytes
 from engram_serve.kernels.cpu_threads import run_split, thread_count
 
 _MIN_ROWS_PER_THREAD = 8192  # below this a thread hand-off costs more than it saves
 _PREFETCH_ROWS = 32  # how far ahead rows are prefetched: enough misses to cover DRAM latency
-_CACHE_LINE = 64
 _WORDS = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}  # by size in bytes
 _FP8_LUT = reference.FP8_E4M3_TABLE.numpy()
 _UE8M0_LUT = reference.UE8M0_TABLE.numpy()
 
 
-@intrinsic
-def _prefetch(typingctx, address):
-    """LLVM's prefetch of the cache line at an integer address (read, keep in all levels)."""
-
-    def codegen(context, builder, signature, args):
-        i32, pointer = ir.IntType(32), ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [pointer, i32, i32, i32])
-        prefetch = builder.module.declare_intrinsic("llvm.prefetch", [pointer], fnty)
-        builder.call(prefetch, [builder.inttoptr(args[0], pointer), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return numba.types.void(numba.types.intp), codegen
-
-
 @numba.njit(inline="always")
 def _prefetch_row(table, row):
     row_bytes = table.shape[1] * table.itemsize
-    address = table.ctypes.data + row * row_bytes
-    for line in range(0, row_bytes, _CACHE_LINE):
-        _prefetch(address + line)
+    prefetch_bytes(table.ctypes.data + row * row_bytes, row_bytes)
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
