@@ -337,6 +337,16 @@ def test_deployment_flags_are_the_servers_and_the_grace_period_covers_the_drain(
         assert any(Path(mount) in Path(env[name]).parents or mount == env[name]
                    for mount in writable), name  # the root is read-only  # fmt: skip
 
+    # The cache volume starts empty over the image's cache directory: an init container of the
+    # same image copies the build's caches (converted model, compiled kernels) into it.
+    (cache_mount,) = [m for m in container["volumeMounts"]
+                      if m["mountPath"] == env["ENGRAM_SERVE_CACHE"]]  # fmt: skip
+    (seed,) = pod["initContainers"]
+    assert seed["image"] == container["image"]
+    (seed_mount,) = [m for m in seed["volumeMounts"] if m["name"] == cache_mount["name"]]
+    source, target = env["ENGRAM_SERVE_CACHE"] + "/.", seed_mount["mountPath"] + "/"
+    assert seed["command"] == ["cp", "-a", source, target]
+
 
 def test_service_hpa_and_servicemonitor_select_the_deployment():
     deployment, service = manifest("Deployment"), manifest("Service")
