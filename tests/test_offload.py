@@ -218,6 +218,57 @@ def test_lookahead_reads_not_started_by_the_next_step_are_cancelled_not_waited_f
     assert layers[4]["rows_read"]["disk"] == unique[1]  # cancelled reads were never made
 
 
+def test_lookahead_reads_start_once_the_first_engram_layer_has_its_rows(model):
+    """A step's own reads come first: the look-ahead asked for at step start submits nothing
+    until the model has waited for the first Engram layer (layer 1); then its reads start, and
+    the next step finds every row in the cache. A look-ahead still deferred when the next step
+    starts is dropped (that step reads its rows itself)."""
+    config, model_dir = model
+    tables = open_tables(model_dir, config.layer_ids)
+    steps = [r for r in token_steps(config, 12) if r.shape[1] >= 8][:3]
+    offload = OffloadConfig(tier="disk", cache_rows=4000, cache_policy="lru", lookahead=True)
+    with build_prefetcher(config, tables, offload) as prefetcher:
+        assert prefetcher.splits and prefetcher.warms
+        submitted = []  # the layer of every read submission, in order
+        for layer_id, fetcher in prefetcher.fetchers.items():
+
+            def spy(*args, layer_id=layer_id, submit=fetcher.store.submit_reads):
+                submitted.append(layer_id)
+                return submit(*args)
+
+            fetcher.store.submit_reads = spy
+
+        def counts(key):
+            return {lid: layer[key] for lid, layer in prefetcher.stats["layers"].items()}
+
+        def check(handle, rows):
+            for layer_id, layer_rows in zip(config.layer_ids, rows, strict=True):
+                want = reference_rows(tables[layer_id], layer_rows)
+                assert_same_bits(handle.wait(layer_id), want)
+
+        handle = prefetcher.prefetch(steps[0])
+        prefetcher.warm(steps[1])
+        assert sorted(submitted) == sorted(config.layer_ids)  # the step's own reads alone
+        handle.wait(4)  # not the first layer: nothing more starts
+        assert len(submitted) == len(config.layer_ids)
+        handle.wait(1)
+        assert len(submitted) > len(config.layer_ids), "the look-ahead's reads start now"
+        check(handle, steps[0])
+        prefetcher.io_pool.submit(lambda: None).result()  # every read has started
+
+        misses = counts("cache_misses")
+        first = prefetcher.prefetch(steps[1])
+        warmed = counts("warmed")
+        prefetcher.warm(steps[2])  # deferred until layer 1's wait, which never comes
+        num_submitted = len(submitted)
+        second = prefetcher.prefetch(steps[2])  # finishes step 1, drops its look-ahead
+        assert counts("cache_misses") == misses, "step 1's rows were all read ahead or cached"
+        assert len(submitted) == num_submitted + len(config.layer_ids)  # step 2's own reads
+        check(first, steps[1])
+        check(second, steps[2])
+        assert counts("warmed") == warmed
+
+
 # ---------------------------------------------------------------------------------------------
 # the disk tier's reads
 

@@ -23,8 +23,9 @@ Warm-up (the look-ahead: `OffloadConfig.lookahead`, with prefetch and a cache):
 chunks) into each layer's cache and returns at once. Each layer's jobs run in submission order,
 so a warm-up starts after this step's fetch of that layer (it never delays it) and ends before
 the next step's fetch starts (no row is read twice). In the split mode a warm-up's reads start
-at once, skip the rows this step's fetch is reading, and enter the cache at the next step's
-start.
+once the step's first Engram layer has its rows (the model waits for that layer after one
+layer of compute; look-ahead reads queued beside its reads slowed them), skip the rows this
+step's fetch is still reading, and enter the cache at the next step's start.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -465,6 +467,8 @@ class StepRows:
         self._futures: dict[int, Future] = {}
         self._finishers: dict[int, Callable[[], torch.Tensor] | Exception] = {}
         self._done: dict[int, torch.Tensor] = {}
+        self._first_layer = min(row_ids, default=None)  # the layer the model reaches first
+        self._after_first_layer: list[Callable[[], None]] = []
         for layer_id, ids in row_ids.items():
             if prefetcher.splits:
                 self._finishers[layer_id] = prefetcher.fetchers[layer_id].begin(ids)
@@ -496,12 +500,26 @@ class StepRows:
             self._prefetcher.add_gpu_stall(before, after)
         self._prefetcher.add_stall(time.perf_counter() - start)
         self._done[layer_id] = out
+        if layer_id == self._first_layer:
+            for fn in self._after_first_layer:
+                fn()
+            self._after_first_layer.clear()
         return out
+
+    def after_first_layer(self, fn: Callable[[], None]) -> None:
+        """fn() once the first Engram layer's rows are ready (now, if they are); dropped if the
+        step never waits for them."""
+        if self._first_layer is None or self._first_layer in self._done:
+            fn()
+        else:
+            self._after_first_layer.append(fn)
 
     def finish(self) -> None:
         """Complete the layers begun and not yet waited for (`LayerFetcher.begin` mode), so that
         their staging and cache pins are free for the next step; `wait` returns their rows, or
-        raises their error, later."""
+        raises their error, later. Look-ahead reads still deferred are dropped: they were for
+        the step now starting, which reads its rows itself."""
+        self._after_first_layer.clear()
         for layer_id in list(self._finishers):
             with contextlib.suppress(Exception):  # kept for wait() to raise
                 self._done[layer_id] = self._finish(layer_id)
@@ -583,7 +601,9 @@ class Prefetcher:
             fetcher = self.fetchers[layer_id]
             if fetcher.cache is None:
                 continue
-            if self.splits:
+            if self.splits and self._last_step is not None:
+                self._last_step.after_first_layer(partial(fetcher.begin_warm, ids))
+            elif self.splits:
                 fetcher.begin_warm(ids)
             else:
                 self.submit(layer_id, self._warm_layer, layer_id, ids)
