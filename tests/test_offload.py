@@ -651,6 +651,8 @@ def test_bench_offload_ratios_are_taken_within_rounds():
     assert summary["disk"]["output_tok_s"] == 57.0  # its median run
     assert summary["disk"]["runs_vs_device"] == [57 / 60, 70 / 72, 56 / 58]
     assert summary["disk"]["vs_device"] == pytest.approx(56 / 58)
+    low, high = summary["disk"]["vs_device_quartiles"]
+    assert 57 / 60 < low < 56 / 58 < high < 70 / 72  # between the three rounds' ratios
     assert summary["disk-no-cache"]["vs_device"] == pytest.approx(73 / 72)
     alone = summarize([{"name": "disk", "round": 0, "output_tok_s": 5.0}])
     assert alone["disk"]["vs_device"] is None  # no device run: nothing to compare with

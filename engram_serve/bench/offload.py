@@ -285,8 +285,10 @@ def run_in_own_process(*args: Any) -> dict[str, Any]:
         return pool.submit(run_tier, *args).result()
 
 
-def print_row(r: dict[str, Any], vs_device: float | None) -> None:
+def print_row(r: dict[str, Any], vs_device: float | None, quartiles: list | None = None) -> None:
     ratio = "     -" if vs_device is None else f"{vs_device:6.3f}"
+    if quartiles is not None:
+        ratio += f" (quartiles {quartiles[0]:.3f}-{quartiles[1]:.3f})"
     hit = "    -" if r["hit_rate"] is None else f"{r['hit_rate']:5.1%}"
     storage = r["storage_read_bytes"]
     print(
@@ -307,9 +309,10 @@ def fmt_tiers(d: dict[str, int]) -> str:
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per tier: its median run by output tok/s, and `vs_device`, the median over rounds of its
-    tok/s over the device run's of the same round. The machine's speed drifts between rounds by
-    more than the tiers differ (65-77 tok/s for one tier's runs here), so a ratio within a round
-    is the steadier measure."""
+    tok/s over the device run's of the same round, with the quartiles of those ratios
+    (`vs_device_quartiles`: how far one round can be trusted). The machine's speed drifts
+    between rounds by more than the tiers differ (65-77 tok/s for one tier's runs here), so a
+    ratio within a round is the steadier measure."""
     by_tier: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_tier.setdefault(r["name"], []).append(r)
@@ -323,6 +326,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "runs_tok_s": [r["output_tok_s"] for r in runs],
             "runs_vs_device": ratios,
             "vs_device": float(np.median(ratios)) if ratios else None,
+            "vs_device_quartiles": np.percentile(ratios, [25, 75]).tolist() if ratios else None,
         }
     return summary
 
@@ -452,9 +456,12 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
             results.append({**r, "round": round_})
             print_row(r, None)
     summary = summarize(results)
-    print("\nmedian run of each tier, and its median ratio to the device run of its round:")
+    print(
+        "\nmedian run of each tier, and the median (quartiles) of its ratios to the device run "
+        "of its round:"
+    )
     for r in summary.values():
-        print_row(r, r["vs_device"])
+        print_row(r, r["vs_device"], r["vs_device_quartiles"])
     return {
         "table_bytes": table_bytes,
         "engram": config.to_dict(),
