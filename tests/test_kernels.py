@@ -665,3 +665,34 @@ def test_cpu_decode_layer_refuses_what_it_cannot_run():
         call(seq_lens=torch.tensor([1, 5]))
     with pytest.raises(ValueError, match=r"slots span \[4, 12\], outside the pool"):
         call(slot_mapping=torch.tensor([4, 12]))
+
+
+# --- how numba compiles ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user_features", [None, "+avx2"], ids=["default", "set by the user"])
+def test_numba_compiles_for_this_cpu_with_wide_vectors_unless_told_otherwise(user_features):
+    """Importing the package makes numba's code generator target this CPU's features with
+    512-bit vectors allowed; a NUMBA_CPU_FEATURES the user set is kept as it is. Checked in a
+    fresh interpreter, where nothing has compiled yet."""
+    import subprocess
+    import sys
+
+    import llvmlite.binding as llvm
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+    if user_features is not None:
+        env["NUMBA_CPU_FEATURES"] = user_features
+    script = (
+        "import engram_serve\n"
+        "from numba.core.registry import cpu_target\n"
+        "print(cpu_target.target_context.codegen().magic_tuple()[2])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    features = result.stdout.strip()
+    if user_features is None:
+        assert features == llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
+    else:
+        assert features == user_features

@@ -4,7 +4,7 @@ has them.
 numba compiles for the host CPU, but LLVM tunes its code for Intel's AVX-512 server CPUs to
 256-bit vectors (early AVX-512 chips lowered their clocks for wider ones). On the Emerald Rapids
 machines this project also runs on, 512-bit vectors made kernels/cpu_linear.py 1.4x faster at
-64 rows and the default model's decode round ~1.2x faster (`python -m
+64 rows and the fused decode layers of a 64-sequence round 1.1x faster (`python -m
 engram_serve.bench.kernels --linear`, `engram-serve bench throughput`). On a CPU without
 AVX-512 the setting changes nothing.
 """
