@@ -499,6 +499,31 @@ def test_cpu_decode_attention_equals_twin(num_threads, heads, kv_heads, hd, bloc
     torch.testing.assert_close(got, want, atol=5e-6, rtol=1e-5)
 
 
+def test_cpu_attention_exp_is_within_its_stated_error():
+    """The softmax's exp (kernels/cpu_attention._exp_nonpositive) against float64 exp over
+    [-100, 0]: within 1.5e-7 relative where float32 holds the value as a normal number (NumPy's
+    own float32 exp is off by up to 2e-7), exactly 1 at 0, and a tiny positive weight below."""
+    import numba
+
+    from engram_serve.kernels.cpu_attention import _exp_nonpositive
+
+    @numba.njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = _exp_nonpositive(x[i])
+
+    x = np.concatenate([
+        -np.random.default_rng(0).exponential(8.0, 200_000), np.linspace(-100, 0, 100_001)
+    ]).astype(np.float32)  # fmt: skip
+    got = np.empty_like(x)
+    apply(x, got)
+    want = np.exp(x.astype(np.float64))
+    normal = x > -87
+    assert np.max(np.abs(got[normal] - want[normal]) / want[normal]) < 1.5e-7
+    assert got[x == 0].min() == got[x == 0].max() == 1.0
+    assert (got[~normal] > 0).all() and (got[~normal] < 1.7e-38).all()
+
+
 def test_cpu_decode_attention_reads_nothing_past_a_sequences_length():
     """Cache slots beyond each length (the rest of its last block, and padding block 0) hold NaN:
     the output stays finite, so the kernel never read them."""
