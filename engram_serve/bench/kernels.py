@@ -23,8 +23,8 @@ GFLOP/s. The weights are random (only their shapes matter) and, together, far la
 caches, as in the model.
 
 CPU decode attention (`--attention`): one decode step's paged attention over the default model's
-30 layers (9 query heads, 3 KV heads of 64) for 1 to 64 sequences of 150-300 cached tokens in
-blocks of 16 scattered over the pool, kernels/cpu_attention.py against its torch twin
+layers (SmolLM2: 30 of 9 query heads, 3 KV heads of 64) for 1 to 64 sequences of 150-300 cached
+tokens in blocks of 16 scattered over the pool, kernels/cpu_attention.py against its torch twin
 (model/attention.decode_attention); K/V GB/s read.
 
 GPU (skipped without CUDA): the Triton hash against NgramHasher (numba), the Triton gather from
@@ -64,6 +64,26 @@ STEPS = {"decode_32": (32, 1), "prefill_512": (1, 512), "prefill_4x512": (4, 512
 
 def _median_min(times: list[float]) -> dict[str, float]:
     return {"median_ms": float(np.median(times)) * 1e3, "min_ms": float(min(times)) * 1e3}
+
+
+def _time_in_turn(
+    methods: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median and best time of each method over `repeats` passes, the methods in turn within a
+    pass (so a busy machine slows them alike); a first pass warms up (and compiles)."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for i in range(repeats + 1):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return {name: _median_min(t) for name, t in times.items()}
+
+
+def _call_each(fn: Callable[..., object], calls: list[tuple]) -> None:
+    for args in calls:
+        fn(*args)
 
 
 def _race(methods: dict[str, Callable[[torch.Tensor], object]], id_sets: list[torch.Tensor]):
@@ -283,16 +303,11 @@ def bench_cpu_linear(repeats: int = 10) -> dict:
     results: dict = {"weight_mb": weight_bytes / 1e6, "threads": torch.get_num_threads()}
     for rows in LINEAR_ROWS:
         inputs = {k: torch.randn(rows, k, generator=gen) for k in {w.shape[1] for w in weights}}
-        times: dict[str, list[float]] = {"mkl": [], "cpu_linear": []}
-        for i in range(repeats + 1):  # in turn, so a busy machine slows both alike
-            for name, fn in (("mkl", F.linear), ("cpu_linear", linear_cpu)):
-                start = time.perf_counter()
-                for w in weights:
-                    fn(inputs[w.shape[1]], w)
-                if i:  # the first pass warms up (and compiles)
-                    times[name].append(time.perf_counter() - start)
-        entry = {name: _median_min(t) for name, t in times.items()}
-        for name in times:
+        calls = [(inputs[w.shape[1]], w) for w in weights]
+        methods = {"mkl": F.linear, "cpu_linear": linear_cpu}
+        entry = _time_in_turn({n: partial(_call_each, fn, calls) for n, fn in methods.items()},
+                              repeats)  # fmt: skip
+        for name in methods:
             seconds = entry[name]["median_ms"] / 1e3
             entry[name]["weight_gb_s"] = weight_bytes / seconds / 1e9
             entry[name]["gflop_s"] = 2 * rows * weight_bytes / 4 / seconds / 1e9
@@ -330,9 +345,14 @@ ATTENTION_SEQS = (1, 16, 64)
 def bench_cpu_attention(repeats: int = 10) -> dict:
     """Median and best time of one decode step's attention, per batch size and method."""
     from engram_serve.kernels.cpu_attention import decode_attention_cpu
+    from engram_serve.llm import resolve_model_dir
     from engram_serve.model.attention import decode_attention
+    from engram_serve.model.loader import load_model_config
 
-    layers, heads, kv_heads, hd, block_size = 30, 9, 3, 64, 16
+    c = load_model_config(resolve_model_dir(None))
+    layers, heads, kv_heads = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
+    hd, block_size = c.attn_head_dim, 16
+    scale = hd**-0.5
     gen = torch.Generator().manual_seed(0)
     results: dict = {"threads": torch.get_num_threads()}
     for num_seqs in ATTENTION_SEQS:
@@ -347,22 +367,17 @@ def bench_cpu_attention(repeats: int = 10) -> dict:
         methods = {
             "torch_twin": partial(
                 decode_attention, q, block_tables=tables, seq_lens=lens,
-                max_len=int(lens.max()), scale=0.125,
+                max_len=int(lens.max()), scale=scale,
             ),
             "cpu_attention": partial(
-                decode_attention_cpu, q, block_tables=tables, seq_lens=lens, scale=0.125
+                decode_attention_cpu, q, block_tables=tables, seq_lens=lens, scale=scale
             ),
         }  # fmt: skip
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        for i in range(repeats + 1):  # in turn, so a busy machine slows both alike
-            for name, fn in methods.items():
-                start = time.perf_counter()
-                for k, v in caches:
-                    fn(k, v)
-                if i:  # the first pass warms up (and compiles)
-                    times[name].append(time.perf_counter() - start)
+        timed = _time_in_turn(
+            {name: partial(_call_each, fn, caches) for name, fn in methods.items()}, repeats
+        )
         kv_bytes = 2 * layers * int(lens.sum()) * kv_heads * hd * 4
-        entry = {"kv_mb": kv_bytes / 1e6, **{n: _median_min(t) for n, t in times.items()}}
+        entry = {"kv_mb": kv_bytes / 1e6, **timed}
         for name in methods:
             entry[name]["kv_gb_s"] = kv_bytes / (entry[name]["median_ms"] / 1e3) / 1e9
         entry["speedup_median"] = (
@@ -480,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         results["cpu_linear"] = bench_cpu_linear(args.repeats)
     if args.attention:
         threads = torch.get_num_threads()
-        print(f"CPU decode attention, 30 layers of the default model, {threads} threads")
+        print(f"CPU decode attention, the default model's layers, {threads} threads")
         results["cpu_attention"] = bench_cpu_attention(args.repeats)
     if not args.skip_cpu:
         results["cpu_gather"] = cpu = bench_cpu_gather(args.table_gib, args.repeats)
