@@ -27,7 +27,8 @@ _FLAG_HELP = {
     "tier": "where Engram tables live: device | host | disk",
     "cache_rows": "fast-tier Engram row cache capacity in rows (0: none)",
     "prefetch": "fetch Engram rows ahead of the layers that need them",
-    "lookahead": "also read the next step's prompt rows into the row cache during this step",
+    "lookahead": "also read the next step's prompt rows into the row cache during this step "
+    "(default: on for the disk tier)",
     "table_path": "directory of the Engram tables (default: the model's engram_tables/)",
 }
 

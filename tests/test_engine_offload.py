@@ -1,7 +1,8 @@
 """Every Engram tier and cache setting gives the device tier's outputs, bit for bit, through the
 whole engine: a non-zero Engram on the default backbone, many steps, preemptions included. The
-engine's opt-in look-ahead (the next step's prompt rows read into the cache during this step)
-warms exactly those rows, raises the next step's hit rate and changes no output."""
+engine's look-ahead (the next step's prompt rows read into the cache during this step; on by
+default for the disk tier) warms exactly those rows, raises the next step's hit rate and changes
+no output."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ TIERS = {
     "disk": OffloadConfig(tier="disk", cache_rows=0),
     "disk+lfu": OffloadConfig(tier="disk", cache_rows=3000, cache_policy="lfu"),
     "disk+lru": OffloadConfig(tier="disk", cache_rows=3000, cache_policy="lru"),
-    "disk+lfu+lookahead": OffloadConfig(tier="disk", cache_rows=3000, lookahead=True),
+    "disk+lfu,no lookahead": OffloadConfig(tier="disk", cache_rows=3000, lookahead=False),
     "disk+cache-no-prefetch": OffloadConfig(
         tier="disk", cache_rows=3000, prefetch=False, lookahead=True
     ),
@@ -94,12 +95,10 @@ def test_tier_outputs_equal_the_device_tier(name, engram_model_dir, device_outpu
     assert _generate(engine) == device_outputs
     stats = engine.engram.prefetcher.stats
     assert stats["lookups"] > 0
-    # The look-ahead ran (and changed nothing above) exactly where it was asked for and a cache
-    # and prefetch are.
-    offload = TIERS[name]
-    assert (stats["warmed"] > 0) == (
-        offload.lookahead and offload.cache_rows > 0 and offload.prefetch
-    )
+    # The look-ahead ran (and changed nothing above) exactly where it is on by default or asked
+    # for, with a cache and prefetch.
+    looked_ahead = {"disk+lfu", "disk+lru", "disk+direct-io"}
+    assert (stats["warmed"] > 0) == (name in looked_ahead)
     engine.engram.prefetcher.close()
 
 
@@ -109,6 +108,22 @@ def test_tier_outputs_equal_the_device_tier(name, engram_model_dir, device_outpu
 
 LOOKAHEAD_ENGINE = dataclasses.replace(ENGINE, num_kv_blocks=64)
 # A cache never full: nothing evicted.
+def test_lookahead_is_on_by_default_for_the_disk_tier_alone():
+    import argparse
+
+    from engram_serve.cli import add_engine_args, configs_from_args
+
+    assert OffloadConfig(tier="disk").looks_ahead
+    assert not OffloadConfig(tier="host").looks_ahead and not OffloadConfig().looks_ahead
+    assert not OffloadConfig(tier="disk", lookahead=False).looks_ahead
+    assert OffloadConfig(tier="host", lookahead=True).looks_ahead
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    for flags, expected in (([], True), (["--no-engram-lookahead"], False)):
+        _, offload = configs_from_args(parser.parse_args(["--engram-tier", "disk", *flags]))
+        assert offload.looks_ahead is expected
+
+
 LOOKAHEAD_TIER = OffloadConfig(tier="disk", cache_rows=100_000, lookahead=True)
 
 

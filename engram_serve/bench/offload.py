@@ -15,11 +15,11 @@ tables in each tier in turn.
    (every n-gram new: the cache's worst case), or with `--prompts text` windows of English
    text, the cache starting from a hot set profiled on other text (see `text_workload`).
 3. Tiers, one engine each in a process of its own, same workload, after a small warm-up:
-   device (tables copied into RAM: the baseline), disk with cache and prefetch (the default;
-   and with the engine's opt-in look-ahead, which reads the next step's prompt rows during this
-   step), disk with cache and no prefetch, disk with prefetch and no cache. Disk reads use
-   O_DIRECT and the table files' pages are dropped before every run, so the OS page cache
-   serves none of them.
+   device (tables copied into RAM: the baseline), disk with cache and prefetch (the default,
+   which includes the look-ahead: the next step's prompt rows read during this step; and
+   without the look-ahead), disk with cache and no prefetch, disk with prefetch and no cache.
+   Disk reads use O_DIRECT and the table files' pages are dropped before every run, so the OS
+   page cache serves none of them.
 4. Per tier: output tok/s and its ratio to device, cache hit rate, rows and bytes read per tier,
    rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
    storage (/proc/self/io), CPU time and page faults, and how contended the machine was (load
@@ -53,7 +53,7 @@ from engram_serve.config import EngineConfig, EngramConfig, OffloadConfig
 
 MODEL_DIR = Path("results/bench-offload-model")
 NOT_BACKBONE = {"engram.json", "engram_modules.safetensors", "engram_tables"}
-TIER_NAMES = ("device", "disk", "disk-lookahead", "disk-no-prefetch", "disk-no-cache")
+TIER_NAMES = ("device", "disk", "disk-no-lookahead", "disk-no-prefetch", "disk-no-cache")
 COUNTERS = ("steps", "lookups", "unique_rows", "cache_hits", "cache_misses", "warmed", "stall_s")
 
 
@@ -199,7 +199,7 @@ def tier_configs(
     configs = {
         "device": OffloadConfig(tier="device"),
         "disk": disk,
-        "disk-lookahead": replace(disk, lookahead=True),
+        "disk-no-lookahead": replace(disk, lookahead=False),
         "disk-no-prefetch": replace(disk, prefetch=False),
         "disk-no-cache": replace(disk, cache_rows=0),
     }

@@ -37,6 +37,8 @@ import numba
 import numpy as np
 import torch
 
+from engram_serve.offload.tiers import as_numpy
+
 CachePolicy = Literal["lru", "lfu"]
 DEFAULT_WAYS = 32
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -248,12 +250,25 @@ class RowCache:
             slots = self._choose_slots(ids)
             take = np.flatnonzero(slots >= 0)
             if len(take):
-                dst = torch.from_numpy(slots[take]).to(self.weight.device, non_blocking=True)
-                src = torch.from_numpy(take).to(weight.device, non_blocking=True)
-                self.weight[dst] = weight[src]
-                if self.scale is not None:
-                    self.scale[dst] = scale[src]
+                self._write(slots[take], take, weight, scale)
         return slots
+
+    def _write(
+        self, slots: np.ndarray, rows: np.ndarray, weight: torch.Tensor, scale: torch.Tensor | None
+    ) -> None:
+        """Cache slots `slots` = weight[rows] (and scale[rows]). On CPU by NumPy: one thread,
+        no ATen team beside the forward pass's, and faster than index_put (a prefill step's
+        4,000 rows of 256 bytes: 0.86 against 2.16 ms)."""
+        if self.weight.device.type == "cpu":
+            as_numpy(self.weight)[slots] = as_numpy(weight)[rows]
+            if self.scale is not None:
+                self.scale.numpy()[slots] = scale.numpy()[rows]
+            return
+        dst = torch.from_numpy(slots).to(self.weight.device, non_blocking=True)
+        src = torch.from_numpy(rows).to(weight.device, non_blocking=True)
+        self.weight[dst] = weight[src]
+        if self.scale is not None:
+            self.scale[dst] = scale[src]
 
     def _choose_slots(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, np.int64)
@@ -294,11 +309,7 @@ class RowCache:
             way = np.argsort(taken, axis=1, kind="stable")[group, rank]  # free ways first
             chosen = sets[order]
             self.tags[chosen, way], self.static[chosen, way] = ids_u[order], True
-            slots = torch.from_numpy(chosen * self.ways + way).to(self.weight.device)
-            src = torch.from_numpy(order).to(weight.device)
-            self.weight[slots] = weight[src]
-            if self.scale is not None:
-                self.scale[slots] = scale[src]
+            self._write(chosen * self.ways + way, order, weight, scale)
         return len(order)
 
     def stats(self) -> dict[str, Any]:

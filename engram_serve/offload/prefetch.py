@@ -18,7 +18,8 @@ cost more than they hid on 2 cores):
 On CUDA steps 2-4 are enqueued on one side stream and an event is recorded per layer; wait()
 makes the current stream wait on it. Time blocked in wait() is the stall.
 
-Warm-up (the look-ahead: `OffloadConfig.lookahead`, with prefetch and a cache):
+Warm-up (the look-ahead: `OffloadConfig.lookahead`, on for the disk tier, with prefetch and a
+cache):
 `prefetcher.warm(row_ids)` reads rows a later step will likely want (the engine's next prompt
 chunks) into each layer's cache and returns at once. Each layer's jobs run in submission order,
 so a warm-up starts after this step's fetch of that layer (it never delays it) and ends before
@@ -54,6 +55,7 @@ from engram_serve.offload.tiers import (
     DiskStore,
     EngramTable,
     StagedStore,
+    as_numpy,
     as_torch,
     cancel_unstarted,
     decode_rows,
@@ -228,7 +230,7 @@ class LayerFetcher:
         """With the misses `unique[miss]` read: offer them to the cache, assemble every unique
         row and decode `[n, W]` (a fresh tensor, not staging)."""
         if self.cache is not None and len(miss):
-            self._admit(unique[miss], miss_w, miss_s)
+            self.cache.admit(unique[miss], miss_w, miss_s)
         w, s = self._assemble(slots, miss, miss_w, miss_s)  # [m, W] stored rows
         return self._gather_decode(w, s, inverse)
 
@@ -240,7 +242,7 @@ class LayerFetcher:
             return
         staging = None if self.store.reads_on_device else self.staging.acquire(len(miss_ids))
         try:
-            self._admit(miss_ids, *self._read(miss_ids, staging))
+            self.cache.admit(miss_ids, *self._read(miss_ids, staging))
         finally:
             self._release_staging(staging)
         self._count_warmed(len(miss_ids))
@@ -319,7 +321,7 @@ class LayerFetcher:
                     read[rows] = True
                 mask = torch.from_numpy(read)
                 ids, w, s = miss_ids[read], w[mask], None if s is None else s[mask]
-            self._admit(ids, w, s)
+            self.cache.admit(ids, w, s)
         except Exception:  # only a loss of speed: the step's own fetch reads these rows
             log.exception("warming Engram layer %d's cache failed", self.table.layer_id)
             return
@@ -336,15 +338,6 @@ class LayerFetcher:
         """The first `rows` staged rows as CPU tensors (views: no copy)."""
         w, s = self._staging_views(staging, rows)
         return as_torch(w, self.dtype), None if s is None else torch.from_numpy(s)
-
-    def _admit(self, ids: np.ndarray, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
-        """Offer fetched rows to the cache; on CPU in pieces below ATen's parallel grain."""
-        step = len(ids)
-        if self.device.type == "cpu":
-            step = max(1, (_TORCH_GRAIN - 1) // weight.shape[1])
-        for i in range(0, len(ids), step):
-            part = slice(i, i + step)
-            self.cache.admit(ids[part], weight[part], None if scale is None else scale[part])
 
     def _release_staging(self, staging: Staging | None) -> None:
         if staging is None:
@@ -407,8 +400,8 @@ class LayerFetcher:
         out = torch.empty((len(hit) + len(miss), cached.shape[1]), dtype=cached.dtype,
                           device=self.device)  # fmt: skip
         if self.device.type == "cpu":  # NumPy copies: single-threaded, see _TORCH_GRAIN
-            _as_np(out)[hit] = _as_np(cached)[cache_slots]
-            _as_np(out)[miss] = _as_np(fetched)
+            as_numpy(out)[hit] = as_numpy(cached)[cache_slots]
+            as_numpy(out)[miss] = as_numpy(fetched)
         else:
             out[self._to_device(hit)] = cached[self._to_device(cache_slots)]
             out[self._to_device(miss)] = fetched
@@ -568,7 +561,7 @@ class Prefetcher:
         # warm() does something: look-ahead asked for, prefetch on and a cache to warm. The
         # engine skips its look-ahead (hashing included) otherwise.
         self.warms = (
-            offload.lookahead
+            offload.looks_ahead
             and (self.pool is not None or self.splits)
             and any(f.cache is not None for f in fetchers.values())
         )
@@ -719,11 +712,6 @@ class Prefetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _as_np(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's memory as an array (bfloat16, which NumPy lacks, as its 16-bit words)."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _after(previous: Future | None, fn: Callable[..., Any], *args: Any) -> Any:

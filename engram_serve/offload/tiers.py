@@ -169,6 +169,12 @@ def as_torch(array: np.ndarray, table_dtype: str) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as an array, as_torch's inverse (bfloat16, which NumPy lacks, as
+    its 16-bit words)."""
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
 def decode_rows(
     weight: torch.Tensor, scale: torch.Tensor | None, table_dtype: str, quant_block: int
 ) -> torch.Tensor:
