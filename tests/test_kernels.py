@@ -568,7 +568,9 @@ def test_cpu_decode_attention_handles_no_sequences_and_refuses_bad_inputs():
 
 @pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 64, 256])
-@pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 3), (576, 576), (1003, 77)])
+@pytest.mark.parametrize(
+    "out_features,in_features", [(1, 1), (5, 3), (576, 576), (1003, 77), (13, 1100)]
+)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_cpu_linear_equals_a_float64_product(
     num_threads, rows, out_features, in_features, with_bias

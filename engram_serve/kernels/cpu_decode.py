@@ -27,7 +27,7 @@ import torch
 
 from engram_serve.kernels import cpu_linear
 from engram_serve.kernels.cpu_attention import attention_kernel, check_in_pool
-from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_tile
+from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_tile, num_tiles
 from engram_serve.kernels.cpu_threads import launch_parallel
 
 
@@ -73,7 +73,7 @@ def _decode_layer_kernel(
     x = np.empty((num_seqs, dim), np.float32)
     _rms_norm(h, input_norm, eps, x)
     qkv = np.empty((num_seqs, qkv_w.shape[0]), np.float32)
-    for tile in numba.prange((qkv_w.shape[0] + 3) // 4):
+    for tile in numba.prange(num_tiles(qkv_w.shape[0], qkv_w.shape[1])):
         linear_tile(x, qkv_w, qkv, tile)
 
     # Bias, q/k norms, RoPE (pairs (j, j + hd/2)), then K and V into their cache slots: a
@@ -106,7 +106,7 @@ def _decode_layer_kernel(
         attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, s, s + 1, attn)
     proj = np.empty((num_seqs, dim), np.float32)
     attn_rows = attn.reshape((num_seqs, heads * hd))
-    for tile in numba.prange((dim + 3) // 4):
+    for tile in numba.prange(num_tiles(o_w.shape[0], o_w.shape[1])):
         linear_tile(attn_rows, o_w, proj, tile)
     for s in numba.prange(num_seqs):
         for i in range(dim):
@@ -115,14 +115,14 @@ def _decode_layer_kernel(
     _rms_norm(out, post_norm, eps, x)
     ff = down_w.shape[1]
     gate_up = np.empty((num_seqs, 2 * ff), np.float32)
-    for tile in numba.prange((2 * ff + 3) // 4):
+    for tile in numba.prange(num_tiles(gate_up_w.shape[0], gate_up_w.shape[1])):
         linear_tile(x, gate_up_w, gate_up, tile)
     act = np.empty((num_seqs, ff), np.float32)
     for s in numba.prange(num_seqs):
         for j in range(ff):
             gate = gate_up[s, j]
             act[s, j] = gate / (np.float32(1.0) + np.exp(-gate)) * gate_up[s, ff + j]
-    for tile in numba.prange((dim + 3) // 4):
+    for tile in numba.prange(num_tiles(down_w.shape[0], down_w.shape[1])):
         linear_tile(act, down_w, proj, tile)
     for s in numba.prange(num_seqs):
         for i in range(dim):

@@ -6,9 +6,11 @@ bound by reading the weights (540 MB a step for the default model), and MKL's sg
 short, wide products poorly on this project's 2-core AVX2 machines: over the default model's
 weights it read 5.6 GB/s for one row and ran 44 GFLOP/s for 64, where this kernel read
 10.8 GB/s and ran 79 GFLOP/s (`python -m engram_serve.bench.kernels --linear`). The kernel
-walks the weight in tiles of 4 output rows, which stay in L1 while the input rows pass them two
-at a time: 8 running sums, each vectorized along K. A single row (one decoding sequence) takes
-one dot product at a time, which is what reads memory fastest.
+walks the weight in tiles of 8 output rows (4 where K > 1024: 8 would not fit in L1), which stay
+in L1 while the input rows pass them two at a time: 16 (or 8) running sums, each vectorized
+along K; an odd last row (a single decoding sequence, too) keeps 8 (or 4) sums. On an AVX-512
+Xeon, against the earlier 4-row tiles with one sum for a lone row, in turns: 1.13-1.24x for the
+default model's K = 576 products at 37 and 64 rows, 1.1-1.3x for one row.
 
 Sums are taken in another order than MKL's, so results differ from `F.linear` in the last bits
 (tests/test_kernels.py bounds it), and a paired row's from a lone row's.
@@ -23,46 +25,137 @@ import torch
 from engram_serve.kernels.cpu_threads import launch_parallel
 
 MAX_ROWS = 256  # above this MKL's blocked sgemm is as fast or faster
+# A tile's output columns: 8 weight rows while they fit in L1 beside the input rows passing them
+# (8 x 1024 floats = 32 KiB), else 4.
+WIDE_TILE_MAX_K = 1024
+
+
+@numba.njit(inline="always")
+def tile_width(k):
+    return 8 if k <= WIDE_TILE_MAX_K else 4
+
+
+@numba.njit(inline="always")
+def num_tiles(n, k):
+    """Tiles of a product with `n` outputs of length-`k` dot products (see linear_tile)."""
+    width = tile_width(k)
+    return (n + width - 1) // width
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
 def linear_tile(x, weight, out, tile):
-    """out[:, 4 tile : 4 tile + 4] = x @ weight[4 tile : 4 tile + 4]^T for x `[M, K]`, weight
-    `[N, K]`, out `[M, N]`: one thread's share of a product (kernels/cpu_decode.py calls it too)."""
+    """out[:, o : o + width] = x @ weight[o : o + width]^T for x `[M, K]`, weight `[N, K]`, out
+    `[M, N]`, where width = tile_width(K) and o = width * tile: one thread's share of a product
+    (kernels/cpu_decode.py calls it too). Rows two at a time, an odd last row alone; a short
+    last tile (N % width outputs) one dot product at a time."""
     rows, k = x.shape
     n = weight.shape[0]
+    width = tile_width(k)
+    o = width * tile
+    if o + width > n:
+        for m in range(rows):
+            for col in range(o, n):
+                acc = np.float32(0.0)
+                for i in range(k):
+                    acc += weight[col, i] * x[m, i]
+                out[m, col] = acc
+        return
     paired = rows - rows % 2
-    o = 4 * tile
-    # Rows two at a time against 4 weight rows; an odd last row, and a short last tile (N % 4
-    # outputs), one dot product at a time.
-    full = o + 4 <= n
-    for m in range(0, paired if full else 0, 2):
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-        for i in range(k):
-            w0, w1, w2, w3 = weight[o, i], weight[o + 1, i], weight[o + 2, i], weight[o + 3, i]
-            xa, xb = x[m, i], x[m + 1, i]
-            a0 += w0 * xa
-            a1 += w1 * xa
-            a2 += w2 * xa
-            a3 += w3 * xa
-            b0 += w0 * xb
-            b1 += w1 * xb
-            b2 += w2 * xb
-            b3 += w3 * xb
-        out[m, o], out[m, o + 1], out[m, o + 2], out[m, o + 3] = a0, a1, a2, a3
-        out[m + 1, o], out[m + 1, o + 1], out[m + 1, o + 2], out[m + 1, o + 3] = b0, b1, b2, b3
-    for m in range(paired if full else 0, rows):
-        for col in range(o, min(o + 4, n)):
-            acc = np.float32(0.0)
-            for i in range(k):
-                acc += weight[col, i] * x[m, i]
-            out[m, col] = acc
+    for m in range(0, paired, 2):
+        if width == 8:
+            _pair8(x, weight, out, m, o)
+        else:
+            _pair4(x, weight, out, m, o)
+    if paired < rows:
+        if width == 8:
+            _row8(x, weight, out, paired, o)
+        else:
+            _row4(x, weight, out, paired, o)
+
+
+@numba.njit(inline="always", fastmath=True, boundscheck=False)
+def _pair4(x, weight, out, m, o):
+    """Rows m, m + 1 against weight rows o..o + 3: 8 running sums, each vectorized along K."""
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        w0, w1, w2, w3 = weight[o, i], weight[o + 1, i], weight[o + 2, i], weight[o + 3, i]
+        xa, xb = x[m, i], x[m + 1, i]
+        a0 += w0 * xa
+        a1 += w1 * xa
+        a2 += w2 * xa
+        a3 += w3 * xa
+        b0 += w0 * xb
+        b1 += w1 * xb
+        b2 += w2 * xb
+        b3 += w3 * xb
+    out[m, o], out[m, o + 1], out[m, o + 2], out[m, o + 3] = a0, a1, a2, a3
+    out[m + 1, o], out[m + 1, o + 1], out[m + 1, o + 2], out[m + 1, o + 3] = b0, b1, b2, b3
+
+
+@numba.njit(inline="always", fastmath=True, boundscheck=False)
+def _row4(x, weight, out, m, o):
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        xa = x[m, i]
+        a0 += weight[o, i] * xa
+        a1 += weight[o + 1, i] * xa
+        a2 += weight[o + 2, i] * xa
+        a3 += weight[o + 3, i] * xa
+    out[m, o], out[m, o + 1], out[m, o + 2], out[m, o + 3] = a0, a1, a2, a3
+
+
+@numba.njit(inline="always", fastmath=True, boundscheck=False)
+def _pair8(x, weight, out, m, o):
+    """Rows m, m + 1 against weight rows o..o + 7: 16 running sums."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        w0, w1, w2, w3 = weight[o, i], weight[o + 1, i], weight[o + 2, i], weight[o + 3, i]
+        w4, w5, w6, w7 = weight[o + 4, i], weight[o + 5, i], weight[o + 6, i], weight[o + 7, i]
+        xa, xb = x[m, i], x[m + 1, i]
+        a0 += w0 * xa
+        a1 += w1 * xa
+        a2 += w2 * xa
+        a3 += w3 * xa
+        a4 += w4 * xa
+        a5 += w5 * xa
+        a6 += w6 * xa
+        a7 += w7 * xa
+        b0 += w0 * xb
+        b1 += w1 * xb
+        b2 += w2 * xb
+        b3 += w3 * xb
+        b4 += w4 * xb
+        b5 += w5 * xb
+        b6 += w6 * xb
+        b7 += w7 * xb
+    out[m, o], out[m, o + 1], out[m, o + 2], out[m, o + 3] = a0, a1, a2, a3
+    out[m, o + 4], out[m, o + 5], out[m, o + 6], out[m, o + 7] = a4, a5, a6, a7
+    out[m + 1, o], out[m + 1, o + 1], out[m + 1, o + 2], out[m + 1, o + 3] = b0, b1, b2, b3
+    out[m + 1, o + 4], out[m + 1, o + 5], out[m + 1, o + 6], out[m + 1, o + 7] = b4, b5, b6, b7
+
+
+@numba.njit(inline="always", fastmath=True, boundscheck=False)
+def _row8(x, weight, out, m, o):
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        xa = x[m, i]
+        a0 += weight[o, i] * xa
+        a1 += weight[o + 1, i] * xa
+        a2 += weight[o + 2, i] * xa
+        a3 += weight[o + 3, i] * xa
+        a4 += weight[o + 4, i] * xa
+        a5 += weight[o + 5, i] * xa
+        a6 += weight[o + 6, i] * xa
+        a7 += weight[o + 7, i] * xa
+    out[m, o], out[m, o + 1], out[m, o + 2], out[m, o + 3] = a0, a1, a2, a3
+    out[m, o + 4], out[m, o + 5], out[m, o + 6], out[m, o + 7] = a4, a5, a6, a7
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=True, boundscheck=False)
 def _linear_kernel(x, weight, out):
     """out[m, o] = x[m] . weight[o] for x `[M, K]`, weight `[N, K]`, out `[M, N]`."""
-    for tile in numba.prange((weight.shape[0] + 3) // 4):
+    for tile in numba.prange(num_tiles(weight.shape[0], weight.shape[1])):
         linear_tile(x, weight, out, tile)
 
 
