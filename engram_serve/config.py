@@ -153,8 +153,9 @@ class OffloadConfig:
     prefetch: bool = True
     # Read the next step's known prompt rows into the cache during this step (needs prefetch and
     # a cache). None: on for the disk tier, whose reads of a prefill chunk's rows outlast the one
-    # layer of compute before the first Engram layer (`engram-serve bench offload`, random
-    # prompts: stall 1.7 -> 0.45 s a run, output tokens/s 1.03x in a median of 4 rounds).
+    # layer of compute before the first Engram layer (random prompts, `engram-serve bench
+    # offload`: stall 1.7 -> 0.4 s a run; output tokens/s 1.03x over 4 rounds in one process,
+    # level in the benchmark's 2 rounds, whose runs swing by more).
     lookahead: bool | None = None
     table_path: str | None = None
     num_io_threads: int = 16

@@ -324,18 +324,56 @@ GATE_SHAPES = {"T1_hc1": (1, 1, 64), "T1023_hc3": (1023, 3, 16), "hc4_D576": (5,
                "empty": (0, 2, 32)}  # fmt: skip
 
 
+def _gate_inputs(shape, dtype, weights):
+    """h, key, value, q_weight, k_weight; the first half of the keys small (small logits,
+    where the signed square root is steep) and the last one zero (a logit of exactly 0)."""
+    num_tokens, hc, dim = shape
+    gen = _gen(dim)
+    h, key = (torch.randn(shape, generator=gen).to(dtype) for _ in "hk")
+    key[: num_tokens // 2] *= 0.01
+    key[num_tokens - 1 :] = 0
+    value = torch.randn(num_tokens, dim, generator=gen).to(dtype)
+    qw, kw = (1 + 0.3 * torch.randn(hc, dim, generator=gen) if weights else None for _ in "qk")
+    return h, key, value, qw, kw
+
+
+@pytest.mark.parametrize("weights", [True, False], ids=["weights", "no_weights"])
+@pytest.mark.parametrize("add_residual", [True, False], ids=["v41", "demo"])
+@pytest.mark.parametrize("shape", GATE_SHAPES.values(), ids=GATE_SHAPES.keys())
+def test_cpu_gate_equals_twin_and_each_token_is_computed_alone(weights, add_residual, shape):
+    from engram_serve.kernels.cpu_gate import fused_engram_gate_cpu
+
+    h, key, value, qw, kw = _gate_inputs(shape, torch.float32, weights)
+    got = fused_engram_gate_cpu(h, key, value, qw, kw, 1e-6, add_residual)
+    want = ref.fused_engram_gate(h, key, value, qw, kw, 1e-6, add_residual)
+    assert got.dtype == torch.float32 and got.shape == shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if shape[0]:  # the last token's logit is 0: its gate is exactly sigmoid(0)
+        gate = (got[-1] - h[-1]) if add_residual else got[-1]
+        torch.testing.assert_close(gate, 0.5 * value[-1].expand_as(gate), rtol=0, atol=1e-6)
+        alone = fused_engram_gate_cpu(h[-1:], key[-1:], value[-1:], qw, kw, 1e-6, add_residual)
+        assert torch.equal(alone, got[-1:])
+
+
+def test_cpu_gate_refuses_what_it_cannot_run():
+    from engram_serve.kernels.cpu_gate import fused_engram_gate_cpu
+
+    h = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
+        fused_engram_gate_cpu(h.bfloat16(), h.bfloat16(), h[:, 0].bfloat16(), None, None, 0, True)
+    with pytest.raises(ValueError, match=r"need h, key \[T, hc, D\] and value \[T, D\]"):
+        fused_engram_gate_cpu(h, h, h[:, 0, :4], None, None, 1e-6, True)
+    with pytest.raises(ValueError, match=r"q_weight must be \[hc, D\] = \(2, 8\)"):
+        fused_engram_gate_cpu(h, h, h[:, 0], h[0, :1], None, 1e-6, True)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weights", [True, False], ids=["weights", "no_weights"])
 @pytest.mark.parametrize("add_residual", [True, False], ids=["v41", "demo"])
 @pytest.mark.parametrize("shape", GATE_SHAPES.values(), ids=GATE_SHAPES.keys())
 def test_gate_kernel_equals_twin(dtype, weights, add_residual, shape):
-    num_tokens, hc, dim = shape
-    gen = _gen(dim)
-    h, key = (torch.randn(shape, generator=gen).to(dtype) for _ in "hk")
-    key[: num_tokens // 2] *= 0.01  # small logits, where the signed square root is steep
-    value = torch.randn(num_tokens, dim, generator=gen).to(dtype)
-    qw, kw = (1 + 0.3 * torch.randn(hc, dim, generator=gen) if weights else None for _ in "qk")
+    h, key, value, qw, kw = _gate_inputs(shape, dtype, weights)
     eps = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
 
     def on_device(t):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram_serve.config import EngramConfig
+from engram_serve.kernels import cpu_gate
 from engram_serve.kernels.reference import dequantize_blocks, engram_gate
 from engram_serve.model.linear import Linear
 
@@ -198,14 +199,14 @@ class EngramDemo(nn.Module):
             query_start_loc = _whole_batch(hidden.shape[0], hidden.device)
         e = rows.flatten(1).to(hidden.dtype)  # [T, (N-1)*H*W]
         key = torch.stack([proj(e) for proj in self.key_projs], 1)  # [T, hc, D]
-        a = engram_gate(
-            hidden,
-            key,
-            q_weight=torch.stack([n.weight for n in self.norm2]),  # [hc, D]
-            k_weight=torch.stack([n.weight for n in self.norm1]),  # [hc, D]
-            eps=torch.finfo(hidden.dtype).eps,
-        )  # [T, hc]
-        v = a[..., None] * self.value_proj(e)[:, None, :]  # [T, hc, D]
+        q_weight = torch.stack([n.weight for n in self.norm2])  # [hc, D]
+        k_weight = torch.stack([n.weight for n in self.norm1])  # [hc, D]
+        eps, value = torch.finfo(hidden.dtype).eps, self.value_proj(e)  # value [T, D]
+        if cpu_gate.supports(hidden):
+            v = cpu_gate.fused_engram_gate_cpu(hidden, key, value, q_weight, k_weight, eps, False)
+        else:
+            a = engram_gate(hidden, key, q_weight, k_weight, eps)  # [T, hc]
+            v = a[..., None] * value[:, None, :]  # [T, hc, D]
         y = v + self.short_conv(v, query_start_loc, conv_state, state_slots)
         return hidden + y
 
@@ -239,7 +240,12 @@ class EngramV41(nn.Module):
         kv = self.wkv(rows.flatten(1).to(hidden.dtype))  # [T, (hc+1)*D]
         key = kv[:, : hc * d].unflatten(1, (hc, d))  # [T, hc, D]
         value = kv[:, hc * d :]  # [T, D]
-        a = engram_gate(hidden, key, self.q_weight, self.k_weight, self.config.rms_norm_eps)
+        eps = self.config.rms_norm_eps
+        if cpu_gate.supports(hidden):
+            return cpu_gate.fused_engram_gate_cpu(
+                hidden, key, value, self.q_weight, self.k_weight, eps, add_residual=True
+            )
+        a = engram_gate(hidden, key, self.q_weight, self.k_weight, eps)
         return hidden + a[..., None] * value[:, None, :]
 
 
