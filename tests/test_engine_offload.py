@@ -33,6 +33,9 @@ ENGINE = EngineConfig(
 )
 TIERS = {
     "host": OffloadConfig(tier="host"),
+    # The look-ahead through the per-layer job queue (what CUDA runs; on CPU the disk tier
+    # splits its fetches instead).
+    "host+cache+lookahead": OffloadConfig(tier="host", cache_rows=3000, lookahead=True),
     "disk": OffloadConfig(tier="disk", cache_rows=0),
     "disk+lfu": OffloadConfig(tier="disk", cache_rows=3000, cache_policy="lfu"),
     "disk+lru": OffloadConfig(tier="disk", cache_rows=3000, cache_policy="lru"),
@@ -97,7 +100,7 @@ def test_tier_outputs_equal_the_device_tier(name, engram_model_dir, device_outpu
     assert stats["lookups"] > 0
     # The look-ahead ran (and changed nothing above) exactly where it is on by default or asked
     # for, with a cache and prefetch.
-    looked_ahead = {"disk+lfu", "disk+lru", "disk+direct-io"}
+    looked_ahead = {"host+cache+lookahead", "disk+lfu", "disk+lru", "disk+direct-io"}
     assert (stats["warmed"] > 0) == (name in looked_ahead)
     engine.engram.prefetcher.close()
 
