@@ -10,7 +10,7 @@ walks the weight in tiles of 8 output rows (4 where K > 1024: 8 would not fit in
 in L1 while the input rows pass them two at a time: 16 (or 8) running sums, each vectorized
 along K; an odd last row (a single decoding sequence, too) keeps 8 (or 4) sums. On an AVX-512
 Xeon, against the earlier 4-row tiles with one sum for a lone row, in turns: 1.13-1.24x for the
-default model's K = 576 products at 37 and 64 rows, 1.1-1.3x for one row.
+default model's K = 576 products at 37 and 64 rows, 1.0-1.3x for one row.
 
 Sums are taken in another order than MKL's, so results differ from `F.linear` in the last bits
 (tests/test_kernels.py bounds it), and a paired row's from a lone row's.
