@@ -151,6 +151,25 @@ def _strip_layout(
     return token_pos, history_pos, tail_pos
 
 
+def _gated_value(
+    hidden: torch.Tensor,  # [T, hc, D]
+    key: torch.Tensor,  # [T, hc, D]
+    value: torch.Tensor,  # [T, D]
+    q_weight: torch.Tensor | None,  # [hc, D]
+    k_weight: torch.Tensor | None,
+    eps: float,
+    add_residual: bool,
+) -> torch.Tensor:  # [T, hc, D]
+    """a * value (+ hidden), a = engram_gate(hidden, key, ...): one compiled pass for float32 on
+    CPU (kernels/cpu_gate.py), torch calls elsewhere."""
+    if cpu_gate.supports(hidden):
+        return cpu_gate.fused_engram_gate_cpu(
+            hidden, key, value, q_weight, k_weight, eps, add_residual
+        )
+    y = engram_gate(hidden, key, q_weight, k_weight, eps)[..., None] * value[:, None, :]
+    return hidden + y if add_residual else y
+
+
 def _whole_batch(num_tokens: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0, num_tokens], device=device)
 
@@ -199,14 +218,15 @@ class EngramDemo(nn.Module):
             query_start_loc = _whole_batch(hidden.shape[0], hidden.device)
         e = rows.flatten(1).to(hidden.dtype)  # [T, (N-1)*H*W]
         key = torch.stack([proj(e) for proj in self.key_projs], 1)  # [T, hc, D]
-        q_weight = torch.stack([n.weight for n in self.norm2])  # [hc, D]
-        k_weight = torch.stack([n.weight for n in self.norm1])  # [hc, D]
-        eps, value = torch.finfo(hidden.dtype).eps, self.value_proj(e)  # value [T, D]
-        if cpu_gate.supports(hidden):
-            v = cpu_gate.fused_engram_gate_cpu(hidden, key, value, q_weight, k_weight, eps, False)
-        else:
-            a = engram_gate(hidden, key, q_weight, k_weight, eps)  # [T, hc]
-            v = a[..., None] * value[:, None, :]  # [T, hc, D]
+        v = _gated_value(
+            hidden,
+            key,
+            self.value_proj(e),  # [T, D]
+            q_weight=torch.stack([n.weight for n in self.norm2]),  # [hc, D]
+            k_weight=torch.stack([n.weight for n in self.norm1]),  # [hc, D]
+            eps=torch.finfo(hidden.dtype).eps,
+            add_residual=False,
+        )  # [T, hc, D]
         y = v + self.short_conv(v, query_start_loc, conv_state, state_slots)
         return hidden + y
 
@@ -241,12 +261,7 @@ class EngramV41(nn.Module):
         key = kv[:, : hc * d].unflatten(1, (hc, d))  # [T, hc, D]
         value = kv[:, hc * d :]  # [T, D]
         eps = self.config.rms_norm_eps
-        if cpu_gate.supports(hidden):
-            return cpu_gate.fused_engram_gate_cpu(
-                hidden, key, value, self.q_weight, self.k_weight, eps, add_residual=True
-            )
-        a = engram_gate(hidden, key, self.q_weight, self.k_weight, eps)
-        return hidden + a[..., None] * value[:, None, :]
+        return _gated_value(hidden, key, value, self.q_weight, self.k_weight, eps, True)
 
 
 def build_engram(config: EngramConfig, hidden_size: int) -> EngramDemo | EngramV41:
