@@ -105,12 +105,6 @@ def test_tier_outputs_equal_the_device_tier(name, engram_model_dir, device_outpu
     engine.engram.prefetcher.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# look-ahead: with KV blocks to spare and no request finishing during prefill, the scheduler's
-# next batch is exactly predictable, so the warmed rows can be checked exactly.
-
-LOOKAHEAD_ENGINE = dataclasses.replace(ENGINE, num_kv_blocks=64)
-# A cache never full: nothing evicted.
 def test_lookahead_is_on_by_default_for_the_disk_tier_alone():
     import argparse
 
@@ -127,6 +121,12 @@ def test_lookahead_is_on_by_default_for_the_disk_tier_alone():
         assert offload.looks_ahead is expected
 
 
+# ---------------------------------------------------------------------------------------------
+# look-ahead: with KV blocks to spare and no request finishing during prefill, the scheduler's
+# next batch is exactly predictable, so the warmed rows can be checked exactly.
+
+LOOKAHEAD_ENGINE = dataclasses.replace(ENGINE, num_kv_blocks=64)
+# A cache never full: nothing evicted.
 LOOKAHEAD_TIER = OffloadConfig(tier="disk", cache_rows=100_000, lookahead=True)
 
 

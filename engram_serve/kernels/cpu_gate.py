@@ -68,8 +68,7 @@ def fused_engram_gate_cpu(
             f"need h, key [T, hc, D] and value [T, D]; got h {tuple(h.shape)}, "
             f"key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    ones = torch.ones(hc, dim)
-    weights = [ones if w is None else w.detach() for w in (q_weight, k_weight)]
+    weights = [torch.ones(hc, dim) if w is None else w.detach() for w in (q_weight, k_weight)]
     for name, weight in zip(("q_weight", "k_weight"), weights, strict=True):
         if weight.shape != (hc, dim):
             raise ValueError(f"{name} must be [hc, D] = {(hc, dim)}, got {tuple(weight.shape)}")

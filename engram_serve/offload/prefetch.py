@@ -68,11 +68,10 @@ from engram_serve.offload.tiers import (
 
 STAGING_DEPTH = 2  # steps of one layer that may hold staging at once (this step and the next)
 STAGING_MIN_ROWS = 4096
-# ATen forks an OpenMP team for an op over this many elements (at::internal::GRAIN_SIZE). On CPU
-# a fetch worker keeps its row copies below it (or in NumPy): a second team contending with the
-# forward pass's for the cores stalls both (measured on 2 cores: 1.5 cores busy instead of 2,
-# output tokens/s down by a fifth).
-_TORCH_GRAIN = 32768
+# Row copies on CPU go through NumPy (here and in RowCache._write), not torch indexing: ATen forks
+# an OpenMP team for an op over 32,768 elements (at::internal::GRAIN_SIZE), and a second team
+# contending with the forward pass's for the cores stalls both (measured on 2 cores: 1.5 cores
+# busy instead of 2, output tokens/s down by a fifth).
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +398,7 @@ class LayerFetcher:
         """`[len(hit) + len(miss), W]`: cached[cache_slots] at rows `hit`, fetched at `miss`."""
         out = torch.empty((len(hit) + len(miss), cached.shape[1]), dtype=cached.dtype,
                           device=self.device)  # fmt: skip
-        if self.device.type == "cpu":  # NumPy copies: single-threaded, see _TORCH_GRAIN
+        if self.device.type == "cpu":  # NumPy copies (see the note on CPU row copies)
             as_numpy(out)[hit] = as_numpy(cached)[cache_slots]
             as_numpy(out)[miss] = as_numpy(fetched)
         else:
