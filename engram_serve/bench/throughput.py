@@ -8,7 +8,10 @@ second. One run measures, side by side on the same model and requests:
   each batch generating its longest requested output, as vLLM's HF backend does; only the
   requested tokens count);
 - single-stream decode speed;
-- model FLOPs utilisation against this machine's fp32 matmul peak, measured in the same run.
+- model FLOPs utilisation against this machine's fp32 matmul peak, measured in the same run;
+- with `--matmul-ceiling`, the MFU ceiling of the engine's own schedule: its steps replayed as
+  the model's matmuls alone, plus the time to read each step's KV cache once at this machine's
+  memory bandwidth (see `matmul_seconds`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engram_serve.config import EngineConfig, ModelConfig, OffloadConfig
 
@@ -123,6 +127,102 @@ def run_hf(model_dir: Path, workload: Workload, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class Step:
+    num_tokens: int  # rows through the layers
+    num_sampled: int  # rows through the LM head
+    kv_bytes: int  # the KV cache of every sequence's context after the step, all layers
+
+
+class ScheduleRecorder(torch.nn.Module):
+    """Wraps an engine's model and notes each step."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.steps: list[Step] = []
+
+    def forward(self, batch) -> torch.Tensor:
+        logits = self.model(batch)
+        token_bytes = sum(2 * k[0, 0].numel() * k.element_size() for k in batch.cache.k)
+        context = int(batch.attn.seq_lens.sum())
+        self.steps.append(Step(batch.token_ids.numel(), logits.shape[0], context * token_bytes))
+        return logits
+
+
+def record_schedule(engine, workload: Workload) -> list[Step]:
+    """The engine's steps for the workload, as ScheduleRecorder notes them."""
+    model = engine.model
+    engine.model = recorder = ScheduleRecorder(model)
+    try:
+        run_engine(engine, workload)
+    finally:
+        engine.model = model
+    return recorder.steps
+
+
+def memory_read_gbps(gib: int = 1, trials: int = 5) -> float:
+    """This machine's memory read bandwidth with torch's threads: the best of `trials` sums
+    over `gib` GiB."""
+    a = torch.ones(gib << 28)
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - start)
+    return a.numel() * a.element_size() / best / 1e9
+
+
+def matmul_seconds(config: ModelConfig, steps: list[Step], seed: int = 0) -> dict:
+    """Replays `steps` as the model's matmuls alone: per layer the fused QKV, the output, the
+    fused gate/up and the down projection, then the LM head on the sampled rows, with weights of
+    the model's shapes (one set per layer, so they stream from memory as the model's do). Each
+    step runs once with torch's `F.linear` (MKL) and once with the CPU kernel, and the faster
+    counts (`best`). `kv_read` is the time to read every step's KV cache once at the measured
+    memory bandwidth, which attention cannot do without. Norms, Engram, sampling and the
+    attention arithmetic cost nothing here, so the workload's model FLOPs over `best + kv_read`
+    seconds is the highest MFU an engine that runs its layers one after another could reach on
+    this schedule with these kernels."""
+    from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_cpu
+
+    gen = torch.Generator().manual_seed(seed)
+    d, ff, hd = config.hidden_size, config.intermediate_size, config.attn_head_dim
+    qkv = hd * (config.num_attention_heads + 2 * config.num_key_value_heads)
+    shapes = [(qkv, d), (d, config.num_attention_heads * hd), (2 * ff, d), (d, ff)]
+    layers = [
+        [torch.randn(shape, generator=gen) for shape in shapes]
+        for _ in range(config.num_hidden_layers)
+    ]
+    lm_head = torch.randn(config.vocab_size, d, generator=gen)
+
+    def ours(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return linear_cpu(x, weight) if x.shape[0] <= MAX_ROWS else F.linear(x, weight)
+
+    def step_seconds(kernel, num_tokens: int, num_sampled: int) -> float:
+        inputs = {k: torch.randn(num_tokens, k, generator=gen) for _, k in shapes}
+        sampled = torch.randn(num_sampled, d, generator=gen)
+        start = time.perf_counter()
+        for weights in layers:
+            for weight in weights:
+                kernel(inputs[weight.shape[1]], weight)
+        if num_sampled:
+            kernel(sampled, lm_head)
+        return time.perf_counter() - start
+
+    for kernel in (F.linear, ours):  # warm-up: compiles the kernel, faults the weights in
+        step_seconds(kernel, steps[0].num_tokens, steps[0].num_sampled)
+    seconds = {"mkl": 0.0, "ours": 0.0, "best": 0.0}
+    for step in steps:
+        mkl = step_seconds(F.linear, step.num_tokens, step.num_sampled)
+        our = step_seconds(ours, step.num_tokens, step.num_sampled)
+        seconds["mkl"] += mkl
+        seconds["ours"] += our
+        seconds["best"] += min(mkl, our)
+    gbps = memory_read_gbps()
+    seconds["kv_read"] = sum(step.kv_bytes for step in steps) / gbps / 1e9
+    return {"seconds": seconds["best"] + seconds["kv_read"], "parts": seconds, "read_gbps": gbps}
+
+
 def single_stream_decode(engine, num_tokens: int = 64) -> float:
     """Decode tokens per second for one request (prefill excluded)."""
     from engram_serve.engine.request import SamplingParams
@@ -148,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, A B B A")
     parser.add_argument("--engram-tier", default="device")
+    parser.add_argument(
+        "--matmul-ceiling",
+        action="store_true",
+        help="also replay the engine's steps as matmuls alone: the MFU ceiling of its schedule",
+    )
     parser.add_argument("--output", default="results/throughput.json")
     args = parser.parse_args(argv)
 
@@ -166,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         "length_range": [args.low, args.high],
         "threads": torch.get_num_threads(),
     }
-    peak_before = matmul_peak_gflops()
+    peaks = [matmul_peak_gflops()]
     engines = {
         "engram": build_engine(model_dir, engine_config, offload, enable_engram=True),
         "no_engram": build_engine(model_dir, engine_config, offload, enable_engram=False),
@@ -185,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     # out of the ratio instead of landing on whichever engine ran second.
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     for round_ in range(args.rounds):
+        peaks.append(matmul_peak_gflops())
         for name in list(engines)[:: 1 if round_ % 2 == 0 else -1]:
             seconds[name].append(run_engine(engines[name], workload))
             print(f"round {round_ + 1}/{args.rounds} {name}: {seconds[name][-1]:.1f} s", flush=True)
@@ -201,6 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["engram_vs_no_engram"] = (
         results["engram"]["output_tok_s"] / results["no_engram"]["output_tok_s"]
     )
+    if args.matmul_ceiling:
+        steps = record_schedule(engines["engram"], workload)
+        peaks.append(matmul_peak_gflops())
+        results["matmul_only"] = matmul_seconds(config, steps)
     del engines
     if not args.skip_hf:
         seconds = run_hf(model_dir, workload, args.hf_batch)
@@ -211,9 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["engram_vs_transformers"] = (
             results["engram"]["output_tok_s"] / results["transformers"]["output_tok_s"]
         )
-    # The peak is measured before and after the runs and the better one kept.
-    results["matmul_peak_gflops"] = peak = max(peak_before, matmul_peak_gflops())
-    for name in ("engram", "no_engram", "transformers"):
+    # The peak is measured before every round and at the end, and the best kept: this machine's
+    # speed drifts (279-451 GFLOP/s in one day), and a run in a slow spell is not let off.
+    peaks.append(matmul_peak_gflops())
+    results["matmul_peak_gflops"] = peak = max(peaks)
+    results["matmul_peak_gflops_each"] = peaks
+    for name in ("engram", "no_engram", "transformers", "matmul_only"):
         if name in results:
             results[name]["mfu"] = flops / results[name]["seconds"] / 1e9 / peak
             _print_row(name, results[name])
@@ -233,11 +346,8 @@ def _print_row(name: str, r: dict) -> None:
         if "single_stream_decode_tok_s" in r
         else ""
     )
-    print(
-        f"{name:13s} {r['output_tok_s']:8.1f} output tok/s  MFU {r['mfu']:.2f}  "
-        f"({r['seconds']:.1f} s){extra}",
-        flush=True,
-    )
+    speed = f"{r['output_tok_s']:8.1f} output tok/s" if "output_tok_s" in r else " " * 21
+    print(f"{name:13s} {speed}  MFU {r['mfu']:.2f}  ({r['seconds']:.1f} s){extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""`bench throughput`'s accounting: the workload's FLOPs, the recorded schedule and the
+matmul-only replay that gives the schedule's MFU ceiling."""
+
+from __future__ import annotations
+
+import pytest
+
+from engram_serve.bench.throughput import (
+    ScheduleRecorder,
+    Step,
+    make_workload,
+    matmul_seconds,
+    model_flops,
+    record_schedule,
+)
+from engram_serve.config import EngineConfig, ModelConfig
+from engram_serve.llm import build_engine
+
+TINY = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def test_model_flops_counts_weights_lm_head_and_attention():
+    workload = make_workload(3, 4, 9, TINY.vocab_size)
+    d, ff, layers, hd = 64, 128, 2, 16
+    weights = d * hd * (4 + 4 + 2 + 2) + 3 * d * ff
+    expected = 0.0
+    for prompt, out_len in zip(workload.prompts, workload.output_lens):
+        n = len(prompt) + out_len
+        expected += 2 * layers * weights * n + 2 * d * TINY.vocab_size * out_len
+        expected += 4 * layers * (4 * hd) * n * (n + 1) / 2
+    assert model_flops(TINY, workload) == expected
+
+
+def test_the_recorded_schedule_covers_every_token_once(default_model_dir):
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
+    engine = build_engine(default_model_dir, config, enable_engram=False)
+    workload = make_workload(6, 20, 90, engine.model_config.vocab_size)
+    steps = record_schedule(engine, workload)
+    assert engine.scheduler.num_preemptions == 0
+    assert not isinstance(engine.model, ScheduleRecorder)
+    # Each request computes its prompt and every output token but the last (never fed back),
+    # and samples each output token once.
+    computed = workload.num_prompt_tokens + workload.num_output_tokens - 6
+    assert sum(step.num_tokens for step in steps) == computed
+    assert sum(step.num_sampled for step in steps) == workload.num_output_tokens
+    assert max(step.num_tokens for step in steps) <= 64
+    assert max(step.num_sampled for step in steps) <= 4
+    # A lone request's steps: contexts grow by the tokens each step computes.
+    model = engine.model_config
+    token_bytes = 2 * model.num_hidden_layers * model.num_key_value_heads * model.attn_head_dim * 4
+    steps = record_schedule(engine, make_workload(1, 70, 70, model.vocab_size))
+    assert [s.kv_bytes // token_bytes for s in steps[:3]] == [64, 70, 71]
+
+
+def test_matmul_replay_takes_the_faster_kernel_per_step_and_adds_the_kv_reads():
+    steps = [Step(100, 4, 0), Step(4, 4, 1 << 30), Step(1, 0, 1 << 30)]
+    replay = matmul_seconds(TINY, steps)
+    parts = replay["parts"]
+    assert 0 < parts["best"] <= min(parts["mkl"], parts["ours"])
+    assert parts["kv_read"] == pytest.approx(2 * 2**30 / replay["read_gbps"] / 1e9)
+    assert replay["seconds"] == parts["best"] + parts["kv_read"]
