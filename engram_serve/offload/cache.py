@@ -138,10 +138,9 @@ def _choose_slots(tags, score, pins, static, sketch, mask, ids, tick, out):
             else:
                 keys[w] = _sketch_estimate(sketch, mask, tags[s, w]) if lfu else score[s, w]
                 unlocked += 1
-        way_order = np.argsort(keys, kind="mergesort")
         for rank in range(min(end - start, unlocked)):
-            i, way = order[start + rank], way_order[rank]
-            victim = keys[way]
+            i, way = order[start + rank], np.argmin(keys)  # ties: the lowest way first
+            victim, keys[way] = keys[way], _LOCKED
             if lfu and victim >= 0 and _sketch_estimate(sketch, mask, ids[i]) <= victim:
                 continue  # TinyLFU: only a more frequent row replaces another
             evicted += victim >= 0
