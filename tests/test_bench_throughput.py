@@ -1,5 +1,5 @@
 """`bench throughput`'s accounting: the workload's FLOPs, the recorded schedule and the
-matmul-only replay that gives the schedule's MFU ceiling."""
+replay (matmuls and KV reads alone) that gives the schedule's MFU ceiling."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 from engram_serve.bench.throughput import (
     ScheduleRecorder,
     Step,
+    ceiling_seconds,
     make_workload,
-    matmul_seconds,
     model_flops,
     record_schedule,
+    single_stream_decode,
 )
 from engram_serve.config import EngineConfig, ModelConfig
 from engram_serve.llm import build_engine
@@ -61,8 +62,15 @@ def test_the_recorded_schedule_covers_every_token_once(default_model_dir):
 
 def test_matmul_replay_takes_the_faster_kernel_per_step_and_adds_the_kv_reads():
     steps = [Step(100, 4, 0), Step(4, 4, 1 << 30), Step(1, 0, 1 << 30)]
-    replay = matmul_seconds(TINY, steps)
+    replay = ceiling_seconds(TINY, steps)
     parts = replay["parts"]
     assert 0 < parts["best"] <= min(parts["mkl"], parts["ours"])
     assert parts["kv_read"] == pytest.approx(2 * 2**30 / replay["read_gbps"] / 1e9)
     assert replay["seconds"] == parts["best"] + parts["kv_read"]
+
+
+def test_single_stream_decode_fits_a_short_context(default_model_dir):
+    config = EngineConfig(max_num_seqs=2, max_model_len=40)
+    engine = build_engine(default_model_dir, config, enable_engram=False)
+    assert single_stream_decode(engine) > 0
+    assert engine.stats.num_generation_tokens == 36  # the 4-token prompt and 36 fill 40
