@@ -54,8 +54,9 @@ def make_workload(num_seqs: int, low: int, high: int, vocab: int, seed: int = 0)
 
 def matmul_peak_gflops(size: int = 2048, trials: int = 10, repeat: int = 2) -> float:
     """This machine's fp32 matrix-multiply throughput with torch's own threads: the best of
-    `trials` timings, since other work on a shared machine only ever slows one down (single
-    timings here range over 80-118 GFLOP/s)."""
+    `trials` timings, since other work on a shared machine only ever slows one down (on the
+    2-core VMs this project runs on, single timings range over 80-118 GFLOP/s on one CPU kind
+    and 160-451 on another)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     return 2 * size**3 * repeat / best_seconds(lambda: [a @ b for _ in range(repeat)], trials) / 1e9
@@ -196,23 +197,26 @@ def ceiling_seconds(config: ModelConfig, steps: list[Step], seed: int = 0) -> di
     def ours(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return linear_cpu(x, weight) if x.shape[0] <= MAX_ROWS else F.linear(x, weight)
 
-    def step_seconds(kernel, num_tokens: int, num_sampled: int) -> float:
-        inputs = {k: torch.randn(num_tokens, k, generator=gen) for _, k in shapes}
-        sampled = torch.randn(num_sampled, d, generator=gen)
+    def step_inputs(step: Step) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Rows of each input width the layers take, and the LM head's rows."""
+        inputs = {k: torch.randn(step.num_tokens, k, generator=gen) for _, k in shapes}
+        return inputs, torch.randn(step.num_sampled, d, generator=gen)
+
+    def step_seconds(kernel, inputs: dict[int, torch.Tensor], sampled: torch.Tensor) -> float:
         start = time.perf_counter()
         for weights in layers:
             for weight in weights:
                 kernel(inputs[weight.shape[1]], weight)
-        if num_sampled:
+        if len(sampled):
             kernel(sampled, lm_head)
         return time.perf_counter() - start
 
     for kernel in (F.linear, ours):  # warm-up: compiles the kernel, faults the weights in
-        step_seconds(kernel, steps[0].num_tokens, steps[0].num_sampled)
+        step_seconds(kernel, *step_inputs(steps[0]))
     seconds = {"mkl": 0.0, "ours": 0.0, "best": 0.0}
     for step in steps:
-        mkl = step_seconds(F.linear, step.num_tokens, step.num_sampled)
-        our = step_seconds(ours, step.num_tokens, step.num_sampled)
+        inputs = step_inputs(step)  # the same rows for both kernels
+        mkl, our = step_seconds(F.linear, *inputs), step_seconds(ours, *inputs)
         seconds["mkl"] += mkl
         seconds["ours"] += our
         seconds["best"] += min(mkl, our)
@@ -322,8 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["engram_vs_transformers"] = (
             results["engram"]["output_tok_s"] / results["transformers"]["output_tok_s"]
         )
-    # The peak is measured before every round and at the end, and the best kept: this machine's
-    # speed drifts (279-451 GFLOP/s in one day), and a run in a slow spell is not let off.
+    # The peak is measured before every round and at the end, and the best kept: a shared
+    # machine's speed drifts, and a run in a slow spell is not let off.
     peaks.append(matmul_peak_gflops())
     results["matmul_peak_gflops"] = peak = max(peaks)
     results["matmul_peak_gflops_each"] = peaks
