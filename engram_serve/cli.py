@@ -156,6 +156,7 @@ BENCHMARKS = {
     "kernels": "engram_serve.bench.kernels",
     "serve": "engram_serve.bench.serve",
     "soak": "engram_serve.bench.soak",
+    "gpu-check": "engram_serve.bench.gpu_check",
 }
 
 

@@ -8,6 +8,7 @@ start-up by `get_runtime(device)`.
     runtime.record_stream(tensor, s)   a side stream's output used on another stream
     runtime.register_host(ptr, n, ro)  page-lock host memory (cudaHostRegister), .unregister_host
     runtime.host_view(array)           a device tensor over registered host memory (UVA)
+    runtime.view_points_at_host(v, a)  whether such a view really is `a`'s host address
 
 Named copies and named streams make every transfer visible (DESIGN.md §6), and one interface is
 what lets the CUDA path be proven without a GPU: the tests swap in a recording fake
@@ -190,6 +191,11 @@ class CudaRuntime(CpuRuntime):
             _CudaArray(int(array.ctypes.data), tuple(array.shape), wrapped.dtype.str),
             device=self.device,
         )
+
+    def view_points_at_host(self, view: torch.Tensor, array: np.ndarray) -> bool:
+        """Whether `view` (from `host_view`) starts at `array`'s host address: anywhere else,
+        torch would have copied the memory to the device (pinned.cuda_view refuses that)."""
+        return view.data_ptr() == array.ctypes.data
 
 
 class _CudaArray:

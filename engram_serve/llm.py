@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from engram_serve.config import EngineConfig, OffloadConfig
+from engram_serve.device import CpuRuntime, get_runtime
 from engram_serve.engine.compression import load_compression
 from engram_serve.engine.engine import Engine, EngramRuntime
 from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.engine.request import RequestOutput, SamplingParams
 from engram_serve.engine.tokenizer import Tokenizer
-from engram_serve.model.loader import load_model, load_model_config
+from engram_serve.model.loader import load_model, load_model_config, set_parameter
 from engram_serve.model.tables import open_table, read_engram_config, verify_tables
 
 ENGRAM_MODULES_FILE = "engram_modules.safetensors"
@@ -63,8 +64,11 @@ def build_engine(
     engine_config: EngineConfig = EngineConfig(),
     offload_config: OffloadConfig = OffloadConfig(),
     enable_engram: bool = True,
+    runtime: CpuRuntime | None = None,
 ) -> Engine:
-    """Load a model directory (its backbone, tokenizer and Engram tables) into an Engine."""
+    """Load a model directory (its backbone, tokenizer and Engram tables) into an Engine on
+    `engine_config.device`. `runtime`: that device's runtime (device.py), made here if None."""
+    runtime = runtime or get_runtime(engine_config.device)  # no CUDA: fails before any load
     model_dir = resolve_model_dir(model)
     if engine_config.num_threads:
         torch.set_num_threads(engine_config.num_threads)
@@ -72,28 +76,35 @@ def build_engine(
     if engram_config is not None:  # a broken table fails in seconds, before the backbone loads
         verify_tables(model_dir, full=False)
     dtype = getattr(torch, engine_config.dtype)
-    net = load_model(model_dir, dtype=dtype, engram_config=engram_config)
+    net = load_model(model_dir, dtype=dtype, engram_config=engram_config, runtime=runtime)
     tokenizer = Tokenizer(model_dir)
-    runtime = None
+    engram = None
     if engram_config is not None:
-        load_engram_modules(net, model_dir / ENGRAM_MODULES_FILE)
-        runtime = _engram_runtime(model_dir, engram_config, tokenizer, offload_config)
-    return Engine(net, load_model_config(model_dir), tokenizer, engine_config, runtime)
+        load_engram_modules(net, model_dir / ENGRAM_MODULES_FILE, runtime)
+        engram = _engram_runtime(model_dir, engram_config, tokenizer, offload_config, runtime)
+    config = load_model_config(model_dir)
+    return Engine(net, config, tokenizer, engine_config, engram, runtime)
 
 
-def load_engram_modules(net: torch.nn.Module, path: Path) -> None:
+def load_engram_modules(
+    net: torch.nn.Module, path: Path, runtime: CpuRuntime | None = None
+) -> None:
     """The Engram modules' own weights (gate norms, projections), separate from the tables."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the model declares Engram layers")
     weights = load_file(path)
-    expected = {n for n, _ in net.named_parameters() if ".engram." in n}
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    params = {n: p for n, p in net.named_parameters() if ".engram." in n}
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
         raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
-    net.load_state_dict(weights, strict=False)
+    runtime = runtime or CpuRuntime()
+    for name, value in weights.items():
+        set_parameter(net, name, runtime.upload(value.to(params[name].dtype)))
 
 
-def _engram_runtime(model_dir, engram_config, tokenizer, offload_config) -> EngramRuntime:
+def _engram_runtime(
+    model_dir, engram_config, tokenizer, offload_config, runtime: CpuRuntime
+) -> EngramRuntime:
     from engram_serve.offload.prefetch import build_prefetcher
 
     hasher = NgramHasher(engram_config, load_compression(tokenizer.hf_tokenizer))
@@ -105,7 +116,7 @@ def _engram_runtime(model_dir, engram_config, tokenizer, offload_config) -> Engr
                 f"{table.path} has {table.rows} rows; engram.json and the tokenizer give "
                 f"{expected} for layer {layer}"
             )
-    return EngramRuntime(hasher, build_prefetcher(engram_config, tables, offload_config))
+    return EngramRuntime(hasher, build_prefetcher(engram_config, tables, offload_config, runtime))
 
 
 def split_options(options: dict[str, Any]) -> tuple[EngineConfig, OffloadConfig]:

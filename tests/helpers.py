@@ -18,6 +18,24 @@ from engram_serve.config import ModelConfig
 from engram_serve.model.batch import AttentionMetadata, CacheTensors, ForwardBatch, RowHandle
 
 
+def attention_metadata(
+    query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: torch.Tensor
+) -> AttentionMetadata:
+    """CPU metadata of a step, as the engine builds it: the host lists beside the tensors."""
+    query_start = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(query_start),
+        seq_lens=torch.tensor(seq_lens),
+        block_tables=torch.tensor(block_tables),
+        slot_mapping=slots,
+        max_seq_len=max(seq_lens),
+        is_decode_only=all(n == 1 for n in query_lens),
+        query_start_host=query_start,
+        seq_lens_host=list(seq_lens),
+        decode_seqs=torch.tensor([s for s, n in enumerate(query_lens) if n == 1], dtype=torch.long),
+    )
+
+
 def randomize_(model: nn.Module, std: float = 0.2, seed: int = 0) -> None:
     """Large random weights (HF's init is tiny, zero biases, unit norms), so that attention is
     sharp, positions matter, and biases and norm weights change the output."""
@@ -133,14 +151,8 @@ class PagedRun:
         width = max(map(len, tables))
         tables = [t + [0] * (width - len(t)) for t in tables]  # block 0 pads
         long = torch.int64
-        attn = AttentionMetadata(
-            query_start_loc=torch.tensor([0, *query_lens], dtype=long).cumsum(0),
-            seq_lens=torch.tensor(seq_lens, dtype=long),
-            block_tables=torch.tensor(tables, dtype=long),
-            slot_mapping=torch.tensor(slots, dtype=long),
-            max_seq_len=max(seq_lens),
-            is_decode_only=all(n == 1 for n in query_lens),
-        )
+        attn = attention_metadata(query_lens, seq_lens, tables, torch.tensor(slots, dtype=long))
+        fresh = [self.num_seqs - 1 - s for s, n in new_tokens.items() if self.done[s] == 0]
         return ForwardBatch(
             token_ids=torch.tensor(token_ids, dtype=long),
             positions=torch.tensor(positions, dtype=long),
@@ -148,5 +160,6 @@ class PagedRun:
             cache=self.cache,
             state_slots=torch.tensor([self.num_seqs - 1 - s for s in new_tokens], dtype=long),
             logits_indices=torch.arange(len(token_ids)),
+            fresh_state_slots=torch.tensor(fresh, dtype=long),
             engram_rows=self.make_rows(where) if self.make_rows else None,
         )

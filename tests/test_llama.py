@@ -12,12 +12,18 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import PagedRun, hf_logits, model_config_of, randomize_, save_tiny_hf
+from helpers import (
+    PagedRun,
+    attention_metadata,
+    hf_logits,
+    model_config_of,
+    randomize_,
+    save_tiny_hf,
+)
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from engram_serve.config import EngramConfig
 from engram_serve.model.attention import paged_attention
-from engram_serve.model.batch import AttentionMetadata
 from engram_serve.model.llama import LlamaForCausalLM
 from engram_serve.model.loader import load_model, load_model_config
 
@@ -215,14 +221,8 @@ def test_paged_attention_matches_contiguous(decode_only, lens):
         v_cache.view(-1, kv_heads, hd)[flat[: n - q_len]] = vs[-1][: n - q_len]
         slots.append(flat[n - q_len :])
     qs = [torch.randn(q_len, heads, hd, generator=gen) for q_len in query_lens]
-    attn = AttentionMetadata(
-        query_start_loc=torch.tensor([0, *query_lens]).cumsum(0),
-        seq_lens=torch.tensor(seq_lens),
-        block_tables=torch.tensor(tables),
-        slot_mapping=torch.cat(slots),
-        max_seq_len=max(seq_lens),
-        is_decode_only=decode_only,
-    )
+    attn = attention_metadata(query_lens, seq_lens, tables, torch.cat(slots))
+    assert attn.is_decode_only == decode_only
     new_k = torch.cat([k[n - q :] for k, n, q in zip(ks, seq_lens, query_lens, strict=True)])
     new_v = torch.cat([v[n - q :] for v, n, q in zip(vs, seq_lens, query_lens, strict=True)])
     out = paged_attention(torch.cat(qs), new_k, new_v, k_cache, v_cache, attn, scale=0.3)

@@ -20,12 +20,13 @@ import pytest
 import torch
 
 from engram_serve.config import EngramConfig, OffloadConfig
+from engram_serve.device import CpuRuntime
 from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.kernels.reference import gather_rows
 from engram_serve.model.tables import open_table, table_layouts, table_path, write_random_table
 from engram_serve.offload import aio, pinned
 from engram_serve.offload.cache import RowCache, RowProfile, profile_rows
-from engram_serve.offload.prefetch import build_prefetcher
+from engram_serve.offload.prefetch import STAGING_DEPTH, build_prefetcher
 from engram_serve.offload.tiers import DiskStore, TableReadError, open_tables, table_from_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +186,7 @@ def test_stall_is_measured_and_staging_is_reused(model, tmp_path):
     assert stats["stall_s"] >= stats["fetch_s"] > 0
     assert stats["steps"] == len(steps)
     for layer in stats["layers"].values():
-        assert layer["staging_allocations"] == 2  # allocated once, not per step
+        assert layer["staging_allocations"] == STAGING_DEPTH  # allocated once, not per step
 
 
 def test_lookahead_reads_not_started_by_the_next_step_are_cancelled_not_waited_for(model):
@@ -692,7 +693,7 @@ def test_loading_a_table_into_ram_leaves_no_copy_in_the_page_cache(tmp_path, mon
     data = path.read_bytes()  # every page cached (read, not mapped: mapped pages stay cached)
     assert _resident_pages(path) == -(-len(data) // os.sysconf("SC_PAGE_SIZE"))
     table = open_table(tmp_path, 2)
-    store = device_store(table, torch.device("cpu"))
+    store = device_store(table, CpuRuntime())
     for got, array in ((store.weight, table.weight), (store.scale, table.scale)):
         start = array.offset
         want = np.frombuffer(data, np.uint8, array.nbytes, start).reshape(array.shape[0], -1)

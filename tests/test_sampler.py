@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from engram_serve.engine.request import Request, SamplingParams
-from engram_serve.engine.sampler import apply_penalties, apply_top_k_top_p, sample
+from engram_serve.engine.sampler import (
+    SamplingBatch,
+    apply_penalties,
+    apply_top_k_top_p,
+    sample,
+)
 
 
 def _request(prompt, output, **sampling) -> Request:
@@ -26,7 +31,7 @@ def test_penalties_follow_their_definitions():
     r = _request(
         [1], [2, 2, 3], repetition_penalty=1.5, presence_penalty=0.25, frequency_penalty=0.5
     )
-    got = apply_penalties(logits.clone(), [r])[0].tolist()
+    got = apply_penalties(logits.clone(), SamplingBatch.build([r], 5))[0].tolist()
     counts = {2: 2, 3: 1}
     for token, value in enumerate(logits[0].tolist()):
         if token in (1, 2, 3):  # seen in the prompt or the output: repetition penalty
@@ -46,7 +51,11 @@ def test_min_tokens_masks_eos_and_stop_tokens_only_below_the_minimum():
 
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda **kw: torch.isfinite(apply_top_k_top_p(logits, [_request([1], [], **kw)]))[0]  # noqa: E731
+
+    def kept(**kw):
+        batch = SamplingBatch.build([_request([1], [], **kw)], 5)
+        return torch.isfinite(apply_top_k_top_p(logits, batch))[0]
+
     assert kept(top_k=2).tolist() == [True, True, False, False, False]
     # top-p keeps the smallest prefix whose mass reaches p: 0.5 + 0.2 = 0.7 >= 0.6
     assert kept(top_p=0.6).tolist() == [True, True, False, False, False]

@@ -250,7 +250,7 @@ def run_tier(
         stats = delta(counters(prefetcher.stats), before)
         read_after, waiting_after = storage_read_bytes(), cpu_waiting_s()
     finally:
-        prefetcher.close()
+        engine.close()
     looked_up = stats["cache_hits"] + stats["cache_misses"]
     result = {
         "name": name,
@@ -383,6 +383,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-rows", type=int, default=1 << 21, help="all layers together")
     p.add_argument("--policy", choices=["lru", "lfu"], default="lfu")
     p.add_argument("--io-threads", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (device tier: tables in HBM)")
     p.add_argument("--tiers", nargs="+", choices=TIER_NAMES, default=list(TIER_NAMES))
     p.add_argument("--repeats", type=int, default=1, help="runs of every tier, interleaved")
     p.add_argument("--seed", type=int, default=0, help="the workload's")
@@ -431,6 +432,7 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
         max_num_seqs=args.num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=2 * args.high + 8,
+        device=args.device,
     )
     hot_profile = None
     if args.prompts == "text":

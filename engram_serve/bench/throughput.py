@@ -52,21 +52,27 @@ def make_workload(num_seqs: int, low: int, high: int, vocab: int, seed: int = 0)
     return Workload(prompts, output_lens.tolist())
 
 
-def matmul_peak_gflops(size: int = 2048, trials: int = 10, repeat: int = 2) -> float:
-    """This machine's fp32 matrix-multiply throughput with torch's own threads: the best of
-    `trials` timings, since other work on a shared machine only ever slows one down (on the
-    2-core VMs this project runs on, single timings range over 80-118 GFLOP/s on one CPU kind
-    and 160-451 on another)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(
+    size: int = 2048, trials: int = 10, repeat: int = 2, device: str = "cpu"
+) -> float:
+    """This machine's fp32 matrix-multiply throughput with torch's own threads (or the GPU's):
+    the best of `trials` timings, since other work on a shared machine only ever slows one down
+    (on the 2-core VMs this project runs on, single timings range over 80-118 GFLOP/s on one
+    CPU kind and 160-451 on another)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
-    return 2 * size**3 * repeat / best_seconds(lambda: [a @ b for _ in range(repeat)], trials) / 1e9
+    seconds = best_seconds(lambda: [a @ b for _ in range(repeat)], trials, device)
+    return 2 * size**3 * repeat / seconds / 1e9
 
 
-def best_seconds(fn, trials: int) -> float:
+def best_seconds(fn, trials: int, device: str = "cpu") -> float:
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     best = float("inf")
     for _ in range(trials):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -106,10 +112,10 @@ def run_engine(engine, workload: Workload) -> float:
     return time.perf_counter() - start
 
 
-def run_hf(model_dir: Path, workload: Workload, batch_size: int) -> float:
+def run_hf(model_dir: Path, workload: Workload, batch_size: int, device: str = "cpu") -> float:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
     pad = pad[0] if isinstance(pad, list) else pad
     start = time.perf_counter()
@@ -117,8 +123,9 @@ def run_hf(model_dir: Path, workload: Workload, batch_size: int) -> float:
         prompts = workload.prompts[i : i + batch_size]
         max_out = max(workload.output_lens[i : i + batch_size])
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=device)  # fmt: skip
         with torch.inference_mode():
             model.generate(
                 input_ids=ids,
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, A B B A")
     parser.add_argument("--engram-tier", default="device")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: the engines and transformers")
     parser.add_argument(
         "--ceiling",
         action="store_true",
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=2 * args.high + 8,
         kv_cache_bytes=4 << 30,
+        device=args.device,
     )
     offload = OffloadConfig(tier=args.engram_tier)
     results: dict = {
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         "length_range": [args.low, args.high],
         "threads": torch.get_num_threads(),
     }
-    peaks = [matmul_peak_gflops()]
+    peaks = [matmul_peak_gflops(device=args.device)]
     engines = {
         "engram": build_engine(model_dir, engine_config, offload, enable_engram=True),
         "no_engram": build_engine(model_dir, engine_config, offload, enable_engram=False),
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     # out of the ratio instead of landing on whichever engine ran second.
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     for round_ in range(args.rounds):
-        peaks.append(matmul_peak_gflops())
+        peaks.append(matmul_peak_gflops(device=args.device))
         for name in list(engines)[:: 1 if round_ % 2 == 0 else -1]:
             seconds[name].append(run_engine(engines[name], workload))
             print(f"round {round_ + 1}/{args.rounds} {name}: {seconds[name][-1]:.1f} s", flush=True)
@@ -314,11 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.ceiling:
         steps = record_schedule(engines["engram"], workload)
-        peaks.append(matmul_peak_gflops())
+        peaks.append(matmul_peak_gflops(device=args.device))
         results["ceiling"] = ceiling_seconds(config, steps)
     del engines
     if not args.skip_hf:
-        seconds = run_hf(model_dir, workload, args.hf_batch)
+        seconds = run_hf(model_dir, workload, args.hf_batch, args.device)
         results["transformers"] = {
             "seconds": seconds,
             "output_tok_s": workload.num_output_tokens / seconds,
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     # The peak is measured before every round and at the end, and the best kept: a shared
     # machine's speed drifts, and a run in a slow spell is not let off.
-    peaks.append(matmul_peak_gflops())
+    peaks.append(matmul_peak_gflops(device=args.device))
     results["matmul_peak_gflops"] = peak = max(peaks)
     results["matmul_peak_gflops_each"] = peaks
     for name in ("engram", "no_engram", "transformers", "ceiling"):

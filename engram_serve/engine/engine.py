@@ -18,15 +18,17 @@ import numpy as np
 import torch
 
 from engram_serve.config import EngineConfig, ModelConfig
+from engram_serve.device import CpuRuntime, get_runtime
 from engram_serve.engine.kv_cache import BlockManager, allocate_cache, kv_bytes_per_block
 from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.engine.output import OutputTracker
 from engram_serve.engine.request import Request, RequestOutput, SamplingParams
-from engram_serve.engine.sampler import SampleOutput, sample
+from engram_serve.engine.sampler import SampleOutput, Sampler
 from engram_serve.engine.scheduler import QueueFullError, ScheduledBatch, Scheduler
 from engram_serve.engine.tokenizer import Tokenizer
 from engram_serve.model.batch import AttentionMetadata, ForwardBatch, RowHandle
 from engram_serve.offload.tiers import TableReadError
+from engram_serve.offload.uploads import Uploader
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,13 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig = EngineConfig(),
         engram: EngramRuntime | None = None,
+        runtime: CpuRuntime | None = None,
     ):
+        """`runtime`: the device runtime the model, the prefetcher and this engine share
+        (device.py); None: that of `config.device`."""
         self.model, self.model_config, self.tokenizer = model, model_config, tokenizer
         self.config, self.engram = config, engram
+        self.runtime = runtime or get_runtime(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings,
@@ -77,8 +83,10 @@ class Engine:
             config.kv_block_size,
             self.dtype,
             self._engram_conv_shapes(),
-            config.device,
+            self.runtime.device,
         )
+        self.inputs = Uploader(self.runtime, np.int64)
+        self.sampler = Sampler(self.runtime)
         self.scheduler = Scheduler(config, self.blocks)
         self.trackers: dict[str, OutputTracker] = {}
         self.stats = StepStats()
@@ -100,7 +108,7 @@ class Engine:
         except TableReadError as error:  # a storage fault fails this step, not the engine
             return self._fail_step(batch, error)
         sampling = [r for r, n in zip(batch.requests, batch.num_new_tokens) if _samples(r, n)]
-        sampled = sample(logits, sampling)
+        sampled = self.sampler.sample(logits, sampling)  # the step's one download
         return self._postprocess(batch, sampling, sampled)
 
     # -- requests ---------------------------------------------------------------------------
@@ -126,7 +134,7 @@ class Engine:
         if request.request_id in self.trackers:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**62))
-        request.generator = torch.Generator().manual_seed(seed)
+        request.generator = self.runtime.generator(seed)
         self.scheduler.add(request)
         self.trackers[request.request_id] = OutputTracker(request, self.tokenizer)
         return request
@@ -153,6 +161,14 @@ class Engine:
         if request is None:
             return None
         return self.trackers.pop(request_id).output()
+
+    def close(self) -> None:
+        """Free the device's host buffers and the Engram prefetcher once nothing is in flight."""
+        self.runtime.synchronize()
+        if self.engram is not None:
+            self.engram.prefetcher.close()
+        self.sampler.close()
+        self.inputs.close()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -189,40 +205,55 @@ class Engine:
     # -- step phases ------------------------------------------------------------------------
 
     def _prepare_inputs(self, batch: ScheduledBatch) -> ForwardBatch:
-        """Flat token ids and positions of the step, and where each token's KV goes."""
-        token_ids, positions, slots, logits_indices = [], [], [], []
-        seq_lens, start_locs = [], [0]
-        block_size = self.blocks.block_size
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            start = request.num_computed_tokens
-            pos = np.arange(start, start + num_new)
-            token_ids.extend(request.all_token_ids[start : start + num_new])
-            positions.append(pos)
-            blocks = np.asarray(request.block_ids)
-            slots.append(blocks[pos // block_size] * block_size + pos % block_size)
-            seq_lens.append(start + num_new)
-            start_locs.append(start_locs[-1] + num_new)
-            if _samples(request, num_new):
-                logits_indices.append(start_locs[-1] - 1)
-        max_blocks = max(len(r.block_ids) for r in batch.requests)
-        block_tables = np.zeros((len(batch.requests), max_blocks), dtype=np.int64)
-        for i, request in enumerate(batch.requests):
+        """Flat token ids and positions of the step, and where each token's KV goes: built on
+        the host, sent to the device in one copy."""
+        self.inputs.next_step()
+        requests, num_new = batch.requests, batch.num_new_tokens
+        starts = np.array([r.num_computed_tokens for r in requests], np.int64)
+        query_lens = np.array(num_new, np.int64)
+        seq_lens = starts + query_lens
+        query_start_loc = np.concatenate(([0], np.cumsum(query_lens)))
+        positions = np.concatenate([np.arange(s, e) for s, e in zip(starts, seq_lens)])
+        token_ids = np.concatenate([
+            r.all_token_ids[s:e] for r, s, e in zip(requests, starts, seq_lens)
+        ]).astype(np.int64)  # fmt: skip
+        max_blocks = max(len(r.block_ids) for r in requests)
+        block_tables = np.zeros((len(requests), max_blocks), dtype=np.int64)
+        for i, request in enumerate(requests):
             block_tables[i, : len(request.block_ids)] = request.block_ids
+        block_size = self.blocks.block_size
+        seq_of_token = np.repeat(np.arange(len(requests)), query_lens)
+        slots = block_tables[seq_of_token, positions // block_size] * block_size
+        slots += positions % block_size
+        samples = [_samples(r, n) for r, n in zip(requests, num_new)]
+        state_slots = np.array([r.state_slot for r in requests], np.int64)
+        on_device = self.inputs.upload([
+            token_ids, positions, query_start_loc, seq_lens, block_tables, slots, state_slots,
+            state_slots[starts == 0],  # sequences that start this step: no Engram history
+            query_start_loc[1:][samples] - 1,  # the tokens whose logits are sampled
+            np.flatnonzero(query_lens == 1),  # the decoding sequences of a mixed batch
+        ])  # fmt: skip
+        (token_ids_d, positions_d, query_start_loc_d, seq_lens_d, block_tables_d, slots_d,
+         state_slots_d, fresh_slots_d, logits_indices_d, decode_seqs_d) = on_device  # fmt: skip
         attn = AttentionMetadata(
-            query_start_loc=torch.tensor(start_locs),
-            seq_lens=torch.tensor(seq_lens),
-            block_tables=torch.from_numpy(block_tables),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)),
-            max_seq_len=max(seq_lens),
-            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+            query_start_loc=query_start_loc_d,
+            seq_lens=seq_lens_d,
+            block_tables=block_tables_d,
+            slot_mapping=slots_d,
+            max_seq_len=int(seq_lens.max()),
+            is_decode_only=bool((query_lens == 1).all()),
+            query_start_host=query_start_loc.tolist(),
+            seq_lens_host=seq_lens.tolist(),
+            decode_seqs=decode_seqs_d,
         )
         return ForwardBatch(
-            token_ids=torch.tensor(token_ids),
-            positions=torch.from_numpy(np.concatenate(positions)),
+            token_ids=token_ids_d,
+            positions=positions_d,
             attn=attn,
             cache=self.cache,
-            state_slots=torch.tensor([r.state_slot for r in batch.requests]),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            state_slots=state_slots_d,
+            logits_indices=logits_indices_d,
+            fresh_state_slots=fresh_slots_d,
         )
 
     def _prefetch_rows(self, batch: ScheduledBatch) -> RowHandle | None:

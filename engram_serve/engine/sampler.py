@@ -4,15 +4,23 @@ Order: penalties -> min_tokens mask -> (logprobs of the raw logits) -> greedy ar
 temperature -> top-k -> top-p -> min-p -> a draw from the request's own generator. Each request
 draws its noise from its own seeded generator, so a seeded request samples the same tokens
 whether it runs alone or in any batch.
+
+Device discipline (CUDA): the requests' parameters are gathered on the host and reach the device
+in one upload per dtype (engine/uploads.py); which steps run is decided on the host from the
+parameters, never by reading a device value; the sampled ids, with every logprob asked for,
+come back in one download: the step's only synchronisation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from engram_serve.device import CpuRuntime
 from engram_serve.engine.request import Logprob, Request
+from engram_serve.offload.uploads import Uploader
 
 # Logprobs of impossible tokens are reported as this finite floor (JSON has no -inf), as vLLM does.
 MIN_LOGPROB = -9999.0
@@ -25,102 +33,203 @@ class SampleOutput:
     logprobs: list[dict[int, Logprob] | None]  # per request; None where not asked for
 
 
+@dataclass
+class SamplingBatch:
+    """One step's sampling parameters on the device, with the host's knowledge of which steps
+    apply. Rows follow `requests`; `random_*` rows follow `random_rows` (the non-greedy ones)."""
+
+    requests: list[Request]
+    generators: list  # [R] the random rows' own generators
+    random_rows: torch.Tensor  # [R] int64
+    temperature: torch.Tensor  # [R]
+    top_k: torch.Tensor  # [R] int64, vocab size where off
+    top_p: torch.Tensor  # [R]
+    min_p: torch.Tensor  # [R]
+    penalties: torch.Tensor  # [S, 3]: repetition, frequency, presence
+    output_tokens: torch.Tensor  # [2, n] (row, token) of every output token (penalties on)
+    prompt_tokens: torch.Tensor  # [2, m] (row, token) of every prompt token (penalties on)
+    banned: torch.Tensor  # [2, b] (row, token) not to sample yet (min_tokens)
+    has_penalties: bool
+    truncates: bool  # some random row has top-k or top-p
+    has_min_p: bool
+    max_logprobs: int | None  # the largest k asked for; None: no logprobs
+
+    @classmethod
+    def build(
+        cls,
+        requests: list[Request],
+        vocab_size: int,
+        uploads: tuple[Uploader, Uploader] | None = None,
+    ) -> SamplingBatch:
+        """`uploads`: (float32, int64) uploaders of the device; None: CPU tensors."""
+        floats, ints = uploads or (Uploader(CpuRuntime(), np.float32),
+                                   Uploader(CpuRuntime(), np.int64))  # fmt: skip
+        params = [r.sampling for r in requests]
+        random = [i for i, p in enumerate(params) if not p.is_greedy]
+        rand = [params[i] for i in random]
+        has_penalties = any(p.has_penalties for p in params)
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        temperature, top_p, min_p, penalties = floats.upload([
+            np.array([p.temperature for p in rand], np.float32),
+            np.array([p.top_p for p in rand], np.float32),
+            np.array([p.min_p for p in rand], np.float32),
+            np.array([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
+                      for p in params], np.float32).reshape(len(params), 3),
+        ])  # fmt: skip
+        random_rows, top_k, output_tokens, prompt_tokens, banned = ints.upload([
+            np.array(random, np.int64),
+            np.array([p.top_k or vocab_size for p in rand], np.int64),
+            _pairs([r.output_token_ids if r.sampling.has_penalties else () for r in requests]),
+            _pairs([r.prompt_token_ids if r.sampling.has_penalties else () for r in requests]),
+            _pairs([_banned(r) for r in requests]),
+        ])  # fmt: skip
+        return cls(
+            requests, [requests[i].generator for i in random], random_rows, temperature,
+            top_k, top_p, min_p, penalties, output_tokens, prompt_tokens, banned, has_penalties,
+            truncates=any(p.top_p < 1.0 or 0 < p.top_k < vocab_size for p in rand),
+            has_min_p=any(p.min_p > 0 for p in rand),
+            max_logprobs=max(logprobs) if logprobs else None,
+        )  # fmt: skip
+
+
+def _banned(request: Request) -> tuple[int, ...]:
+    """Below min_tokens, neither EOS nor a stop token may be sampled."""
+    if request.num_output_tokens >= request.sampling.min_tokens:
+        return ()
+    banned = request.sampling.stop_token_ids
+    return banned if request.sampling.ignore_eos else banned + tuple(request.eos_token_ids)
+
+
+def _pairs(tokens_per_row: list) -> np.ndarray:
+    """[2, n] int64: (row, token) of every token of every row."""
+    rows = [np.full(len(t), i, np.int64) for i, t in enumerate(tokens_per_row)]
+    cols = [np.asarray(t, np.int64) for t in tokens_per_row]
+    if not rows:
+        return np.zeros((2, 0), np.int64)
+    return np.stack([np.concatenate(rows), np.concatenate(cols)])
+
+
+class Sampler:
+    """Samples on one device; `sample(logits, requests)` -> token ids (and logprobs) on the
+    host."""
+
+    def __init__(self, runtime: CpuRuntime) -> None:
+        self.runtime = runtime
+        self.uploads = (Uploader(runtime, np.float32), Uploader(runtime, np.int64))
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
+        """logits [S, V], one row per request in `requests`."""
+        for uploader in self.uploads:
+            uploader.next_step()
+        batch = SamplingBatch.build(requests, logits.shape[1], self.uploads)
+        token_ids, logprobs = sample_on_device(logits, batch, self.runtime)
+        return self._to_host(token_ids, logprobs, batch)
+
+    def _to_host(
+        self, token_ids: torch.Tensor, logprobs: torch.Tensor | None, batch: SamplingBatch
+    ) -> SampleOutput:
+        """One download: ids, and where asked for each row's [chosen, rank, top-k values, top-k
+        ids] as float64 (token ids below 2**53 are exact)."""
+        if logprobs is None:
+            return SampleOutput(self.runtime.download(token_ids).tolist(),
+                                [None] * len(batch.requests))  # fmt: skip
+        host = self.runtime.download(torch.cat((token_ids.double()[:, None], logprobs), 1))
+        tokens = host[:, 0].astype(np.int64).tolist()
+        k = batch.max_logprobs
+        out = []
+        for row, (request, token) in zip(host, zip(batch.requests, tokens)):
+            asked = request.sampling.logprobs
+            if asked is None:
+                out.append(None)
+                continue
+            entry = {token: Logprob(float(row[1]), int(row[2]))}
+            values, ids = row[3 : 3 + k], row[3 + k : 3 + 2 * k].astype(np.int64)
+            for position in range(asked):
+                entry.setdefault(int(ids[position]), Logprob(float(values[position]), position + 1))
+            out.append(entry)
+        return SampleOutput(tokens, out)
+
+    def close(self) -> None:
+        for uploader in self.uploads:
+            uploader.close()
+
+
 def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
-    """logits [S, V] float32, one row per request in `requests`."""
+    """Sample on the CPU (tests and offline use)."""
+    return Sampler(CpuRuntime()).sample(logits, requests)
+
+
+def sample_on_device(
+    logits: torch.Tensor, batch: SamplingBatch, runtime: CpuRuntime
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> token ids [S] int64 and, if any request asked, logprob rows [S, 2 + 2k] float64
+    (chosen, rank, top-k values, top-k ids), all on the device."""
     logits = logits.float()
-    if any(r.sampling.has_penalties for r in requests):
+    if batch.has_penalties:
         # Extreme penalties can overflow a logit; keep every value a number.
-        logits = apply_penalties(logits, requests).nan_to_num(posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)
-    logits = mask_stop_tokens_before_min(logits, requests)
-    raw_logprobs = (
-        torch.log_softmax(logits, dim=-1).nan_to_num(nan=MIN_LOGPROB).clamp(min=MIN_LOGPROB)
-        if any(r.sampling.logprobs is not None for r in requests)
-        else None
-    )
+        logits = apply_penalties(logits, batch).nan_to_num(posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)
+    if batch.banned.shape[1]:
+        rows, tokens = batch.banned
+        logits = logits.index_put((rows, tokens), logits.new_full((), float("-inf")))
     token_ids = logits.argmax(dim=-1)
-    random_rows = [i for i, r in enumerate(requests) if not r.sampling.is_greedy]
-    if random_rows:
-        rows = torch.tensor(random_rows)
-        token_ids[rows] = sample_random(logits[rows], [requests[i] for i in random_rows])
-    tokens = token_ids.tolist()
-    logprobs = [
-        None if r.sampling.logprobs is None else top_logprobs(raw_logprobs[i], tokens[i], r)
-        for i, r in enumerate(requests)
-    ]
-    return SampleOutput(tokens, logprobs)
+    if batch.random_rows.shape[0]:
+        rows = batch.random_rows
+        drawn = sample_random(logits.index_select(0, rows), batch, runtime)
+        token_ids = token_ids.index_copy(0, rows, drawn)
+    if batch.max_logprobs is None:
+        return token_ids, None
+    return token_ids, logprob_rows(logits, token_ids, batch.max_logprobs)
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition penalty on every token seen (prompt and output), as vLLM does; presence and
     frequency penalties on output tokens only."""
-    num_seqs, vocab = logits.shape
-    counts = torch.zeros(num_seqs, vocab)
-    seen = torch.zeros(num_seqs, vocab, dtype=torch.bool)
-    for i, r in enumerate(requests):
-        out = torch.tensor(r.output_token_ids, dtype=torch.long)
-        counts[i].index_add_(0, out, torch.ones(len(out)))
-        seen[i, torch.tensor(r.prompt_token_ids, dtype=torch.long)] = True
-    seen |= counts > 0
-    rep = torch.tensor([r.sampling.repetition_penalty for r in requests])[:, None]
-    penalised = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, penalised, logits)
-    freq = torch.tensor([r.sampling.frequency_penalty for r in requests])[:, None]
-    pres = torch.tensor([r.sampling.presence_penalty for r in requests])[:, None]
-    return logits - freq * counts - pres * (counts > 0).float()
-
-
-def mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Below min_tokens, neither EOS nor a stop token may be sampled."""
-    for i, r in enumerate(requests):
-        if r.num_output_tokens < r.sampling.min_tokens:
-            banned = list(r.sampling.stop_token_ids)
-            if not r.sampling.ignore_eos:
-                banned += list(r.eos_token_ids)
-            if banned:
-                logits[i, banned] = float("-inf")
-    return logits
-
-
-def sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """logits [S, V] -> token ids [S]: temperature, top-k, top-p, min-p, then an exponential race
-    (argmax of p / Exp(1) noise is a draw from p) with each request's own generator."""
-    temperature = torch.tensor([r.sampling.temperature for r in requests])[:, None]
-    logits = logits / temperature
-    logits = apply_top_k_top_p(logits, requests)
-    probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor([r.sampling.min_p for r in requests])[:, None]
-    if (min_p > 0).any():
-        probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
-    noise = torch.stack(
-        [torch.empty(probs.shape[1]).exponential_(generator=r.generator) for r in requests]
+    out_rows, out_tokens = batch.output_tokens
+    counts = torch.zeros_like(logits).index_put_(
+        (out_rows, out_tokens), logits.new_ones(()), accumulate=True
     )
+    prompt_rows, prompt_tokens = batch.prompt_tokens
+    seen = (counts > 0).index_put_(
+        (prompt_rows, prompt_tokens), counts.new_ones((), dtype=torch.bool)
+    )
+    rep, freq, pres = batch.penalties.unbind(1)  # [S] each
+    penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
+    logits = torch.where(seen, penalised, logits)
+    return logits - freq[:, None] * counts - pres[:, None] * (counts > 0).float()
+
+
+def sample_random(logits: torch.Tensor, batch: SamplingBatch, runtime: CpuRuntime) -> torch.Tensor:
+    """logits [R, V] -> token ids [R]: temperature, top-k, top-p, min-p, then an exponential race
+    (argmax of p / Exp(1) noise is a draw from p) with each request's own generator."""
+    logits = logits / batch.temperature[:, None]
+    if batch.truncates:
+        logits = apply_top_k_top_p(logits, batch)
+    probs = torch.softmax(logits, dim=-1)
+    if batch.has_min_p:
+        floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs < floor, 0.0, probs)
+    noise = runtime.exponential(probs.shape[1], batch.generators)  # [R, V]
     return (probs / noise).argmax(dim=-1)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    top_k = torch.tensor([r.sampling.top_k or logits.shape[1] for r in requests])
-    top_p = torch.tensor([r.sampling.top_p for r in requests])
-    if (top_k >= logits.shape[1]).all() and (top_p >= 1.0).all():
-        return logits
+def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits [R, V] of the random rows; top-p keeps the smallest prefix whose mass reaches p
+    (the token crossing p stays)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1])[None, :]
-    drop = ranks >= top_k[:, None]
-    # top-p keeps the smallest prefix whose mass reaches p (the token crossing p stays).
+    ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    drop = ranks >= batch.top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
+    drop |= mass_before >= batch.top_p[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def top_logprobs(logprobs: torch.Tensor, token_id: int, request: Request) -> dict[int, Logprob]:
-    """The sampled token's logprob and rank, plus the top-k alternatives."""
-    chosen = logprobs[token_id].item()
-    rank = int((logprobs > chosen).sum().item()) + 1
-    out = {token_id: Logprob(chosen, rank)}
-    k = request.sampling.logprobs
-    if k:
-        values, ids = logprobs.topk(k)
-        for position, (tid, value) in enumerate(zip(ids.tolist(), values.tolist())):
-            out.setdefault(tid, Logprob(value, position + 1))
-    return out
+def logprob_rows(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[S, 2 + 2k] float64: the sampled token's logprob of the raw (penalised) logits, its rank,
+    then the top k logprobs and their ids."""
+    logprobs = torch.log_softmax(logits, dim=-1).nan_to_num(nan=MIN_LOGPROB).clamp(min=MIN_LOGPROB)
+    chosen = logprobs.gather(1, token_ids[:, None])  # [S, 1]
+    rank = (logprobs > chosen).sum(dim=1, keepdim=True) + 1
+    values, ids = logprobs.topk(k, dim=-1)
+    return torch.cat((chosen.double(), rank.double(), values.double(), ids.double()), 1)

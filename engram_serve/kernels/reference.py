@@ -11,6 +11,7 @@ Byte formats (DeepSeek-V4.1 checkpoints):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +40,16 @@ FP8_E4M3_TABLE = torch.tensor([_fp8_e4m3_value(b) for b in range(256)], dtype=to
 UE8M0_TABLE = torch.tensor([_ue8m0_value(b) for b in range(256)], dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class DecodeTables:
+    """The two 256-entry decode tables on one device. The serving path uploads them once and
+    passes them in: without them each call copies the CPU tables to the bytes' device (a
+    blocking host-to-device copy on CUDA)."""
+
+    fp8_e4m3: torch.Tensor = FP8_E4M3_TABLE
+    ue8m0: torch.Tensor = UE8M0_TABLE
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of an FP8 tensor: uint8 passes through, torch float8 dtypes are viewed."""
     if t.dtype == torch.uint8:
@@ -48,22 +59,31 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"expected uint8 or float8 bytes, got {t.dtype}")
 
 
-def decode_fp8_e4m3(b: torch.Tensor) -> torch.Tensor:
+def _lookup(table: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """table[b] for bytes of any shape: an index_select, which every device runs in place."""
+    return table.to(b.device).index_select(0, b.reshape(-1).long()).view(b.shape)
+
+
+def decode_fp8_e4m3(b: torch.Tensor, tables: DecodeTables = DecodeTables()) -> torch.Tensor:
     """FP8-E4M3 bytes (any shape) -> float32 of the same shape, exact."""
-    b = as_bytes(b)
-    return FP8_E4M3_TABLE.to(b.device)[b.long()]
+    return _lookup(tables.fp8_e4m3, as_bytes(b))
 
 
-def decode_ue8m0(b: torch.Tensor) -> torch.Tensor:
+def decode_ue8m0(b: torch.Tensor, tables: DecodeTables = DecodeTables()) -> torch.Tensor:
     """UE8M0 bytes (any shape) -> float32 2**(byte - 127), exact."""
-    b = as_bytes(b)
-    return UE8M0_TABLE.to(b.device)[b.long()]
+    return _lookup(tables.ue8m0, as_bytes(b))
 
 
-def dequantize_rows(rows: torch.Tensor, scales: torch.Tensor, block: int = 32) -> torch.Tensor:
+def dequantize_rows(
+    rows: torch.Tensor,
+    scales: torch.Tensor,
+    block: int = 32,
+    tables: DecodeTables = DecodeTables(),
+) -> torch.Tensor:
     """Row-wise block scales: out[r, i] = fp8(rows[r, i]) * ue8m0(scales[r, i // block]).
 
     rows `[..., W]` FP8 bytes, scales `[..., W / block]` UE8M0 bytes -> float32 `[..., W]`.
+    `tables`: the decode tables on the rows' device.
     """
     width = rows.shape[-1]
     if width % block or scales.shape != (*rows.shape[:-1], width // block):
@@ -72,8 +92,8 @@ def dequantize_rows(rows: torch.Tensor, scales: torch.Tensor, block: int = 32) -
             f"{(*rows.shape[:-1], width // block)} (one per {block} values), "
             f"got {tuple(scales.shape)}"
         )
-    values = decode_fp8_e4m3(rows).unflatten(-1, (width // block, block))  # [..., W/block, block]
-    return (values * decode_ue8m0(scales)[..., None]).flatten(-2)
+    values = decode_fp8_e4m3(rows, tables).unflatten(-1, (width // block, block))
+    return (values * decode_ue8m0(scales, tables)[..., None]).flatten(-2)  # [..., W]
 
 
 def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:

@@ -41,28 +41,26 @@ def paged_attention(
         )
 
     out = torch.empty_like(q)
-    starts = attn.query_start_loc.tolist()
-    seq_lens = attn.seq_lens.tolist()
-    query_lens = attn.query_lens.tolist()
-    decoding = [s for s, n in enumerate(query_lens) if n == 1]
-    if decoding:  # the decoders of a mixed batch still share one call
-        seqs = torch.tensor(decoding, device=q.device)
-        tokens = attn.query_start_loc[seqs]  # [S_dec]
-        max_len = max(seq_lens[s] for s in decoding)
-        out[tokens] = _decode(
-            q[tokens],
+    starts, seq_lens = attn.query_start_host, attn.seq_lens_host
+    if attn.decode_seqs.shape[0]:  # the decoders of a mixed batch still share one call
+        seqs = attn.decode_seqs
+        tokens = attn.query_start_loc.index_select(0, seqs)  # [S_dec]
+        max_len = max(seq_lens[s] for s in range(len(seq_lens)) if starts[s + 1] - starts[s] == 1)
+        decoded = _decode(
+            q.index_select(0, tokens),
             k_cache,
             v_cache,
-            attn.block_tables[seqs],
-            attn.seq_lens[seqs],
+            attn.block_tables.index_select(0, seqs),
+            attn.seq_lens.index_select(0, seqs),
             max_len,
             scale,
         )
-    for s, query_len in enumerate(query_lens):
-        if query_len > 1:
+        out.index_copy_(0, tokens, decoded)
+    for s, seq_len in enumerate(seq_lens):
+        if starts[s + 1] - starts[s] > 1:
             new = slice(starts[s], starts[s + 1])
             out[new] = prefill_attention(
-                q[new], k[new], v[new], k_cache, v_cache, attn.block_tables[s], seq_lens[s], scale
+                q[new], k[new], v[new], k_cache, v_cache, attn.block_tables[s], seq_len, scale
             )
     return out
 

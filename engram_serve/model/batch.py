@@ -30,6 +30,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, KV slot of each new token: block * block_size + offset
     max_seq_len: int  # max(seq_lens), kept on the host to avoid a device sync
     is_decode_only: bool  # every sequence has exactly one new token
+    # The host's copies of what a mixed batch loops over (reading the tensors would sync).
+    query_start_host: list[int]  # [S+1] query_start_loc
+    seq_lens_host: list[int]  # [S] seq_lens
+    decode_seqs: torch.Tensor  # [S_dec] int64, the sequences with one new token
 
     @property
     def num_seqs(self) -> int:
@@ -62,4 +66,5 @@ class ForwardBatch:
     cache: CacheTensors
     state_slots: torch.Tensor  # [S] int64, each sequence's row in the per-sequence state tensors
     logits_indices: torch.Tensor  # [S'] int64, token positions whose logits are sampled
+    fresh_state_slots: torch.Tensor  # [F] int64, state slots of sequences starting at position 0
     engram_rows: RowHandle | None = None  # None: the model has no Engram layers

@@ -231,9 +231,7 @@ class LlamaDecoderLayer(nn.Module):
         if conv_state is not None:
             # A sequence starting at position 0 has no history; its slot may hold a
             # previous occupant's.
-            attn = batch.attn
-            fresh = batch.state_slots[attn.query_lens == attn.seq_lens]
-            conv_state[fresh] = 0
+            conv_state.index_fill_(0, batch.fresh_state_slots, 0.0)
         hidden = self.engram(
             h[:, None, :],  # [T, hc=1, D]: a dense backbone has one residual branch
             rows,

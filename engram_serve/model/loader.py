@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engram_serve.config import EngramConfig, ModelConfig
+from engram_serve.device import CpuRuntime
 from engram_serve.model.engram import build_engram
 from engram_serve.model.llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM
 
@@ -142,12 +143,15 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     engram_config: EngramConfig | None = None,
+    runtime: CpuRuntime | None = None,
 ) -> LlamaForCausalLM:
-    """Build the model of a Hugging Face directory and load its safetensors weights.
+    """Build the model of a Hugging Face directory and load its safetensors weights onto
+    `runtime`'s device (default: the CPU), tensor by tensor.
 
     Engram modules (`model.layers.{i}.engram.*`) load from the same files when the checkpoint
     has them; a checkpoint without any keeps the modules' own initialisation.
     """
+    runtime = runtime or CpuRuntime()
     model_dir = Path(path)
     config = load_model_config(model_dir)
     where = checkpoint_index(model_dir)  # tensor name -> file
@@ -165,7 +169,8 @@ def load_model(
     for name in expected:
         by_file[where[name]].append(name)
     for file, names in by_file.items():
-        _load_file(model, file, names, expected, dtype)
+        _load_file(model, file, names, expected, dtype, runtime)
+    place_on_device(model, runtime)  # what the checkpoint does not hold (RoPE, fresh modules)
     model.tie_weights()
     model.fuse_projections()
     _check_materialised(model)
@@ -249,6 +254,7 @@ def _load_file(
     names: list[str],
     expected: dict[str, torch.Size],
     dtype: torch.dtype,
+    runtime: CpuRuntime,
 ) -> None:
     with _open(file) as f:
         stored = set(f.keys())
@@ -261,7 +267,7 @@ def _load_file(
                     f"{file.name}: tensor {name} has shape {shape}, "
                     f"expected {tuple(expected[name])}"
                 )
-            _set_parameter(model, name, f.get_tensor(name).to(dtype))
+            set_parameter(model, name, runtime.upload(f.get_tensor(name).to(dtype)))
 
 
 def _open(file: Path):  # -> safetensors handle
@@ -271,6 +277,20 @@ def _open(file: Path):  # -> safetensors handle
         raise ModelLoadError(f"{file}: not a readable safetensors file ({err})") from err
 
 
-def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(module_name), leaf, nn.Parameter(value, requires_grad=False))
+
+
+def place_on_device(model: nn.Module, runtime: CpuRuntime) -> None:
+    """Upload every real parameter and buffer not yet on the runtime's device (meta ones stay
+    for the checks to name). Runs before projections are fused and weights tied, so no view
+    is split from its base."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta and param.device != runtime.device:
+                setattr(module, name, nn.Parameter(runtime.upload(param.detach()),
+                                                   requires_grad=False))  # fmt: skip
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta and buffer.device != runtime.device:
+                setattr(module, name, runtime.upload(buffer))

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from engram_serve.offload.tiers import as_numpy
+from engram_serve.offload.uploads import Uploader
 
 CachePolicy = Literal["lru", "lfu"]
 DEFAULT_WAYS = 32
@@ -180,7 +181,9 @@ class RowCache:
         device: torch.device | str = "cpu",
         policy: CachePolicy = "lru",
         ways: int = DEFAULT_WAYS,
+        uploader: Uploader | None = None,
     ) -> None:
+        """`uploader`: how slot indices reach a non-CPU device (pinned, non-blocking)."""
         if capacity < 1:
             raise ValueError(f"a row cache needs capacity >= 1, got {capacity}")
         if policy not in ("lru", "lfu"):
@@ -201,6 +204,7 @@ class RowCache:
             if scale_width
             else None
         )
+        self.uploader = uploader
         self.sketch = FrequencySketch(self.capacity) if policy == "lfu" else None
         self.lock = threading.Lock()
         self.tick = 0
@@ -263,11 +267,10 @@ class RowCache:
             if self.scale is not None:
                 self.scale.numpy()[slots] = scale.numpy()[rows]
             return
-        dst = torch.from_numpy(slots).to(self.weight.device, non_blocking=True)
-        src = torch.from_numpy(rows).to(weight.device, non_blocking=True)
-        self.weight[dst] = weight[src]
+        dst, src = self.uploader.upload([slots, rows])
+        self.weight.index_copy_(0, dst, weight.index_select(0, src))
         if self.scale is not None:
-            self.scale[dst] = scale[src]
+            self.scale.index_copy_(0, dst, scale.index_select(0, src))
 
     def _choose_slots(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, np.int64)
@@ -293,10 +296,15 @@ class RowCache:
         hot_ways = int(self.ways * max_fraction)
         with self.lock:
             _, first = np.unique(ids, return_index=True)
-            ids_u = ids[np.sort(first)]
-            weight = weight[torch.from_numpy(np.sort(first)).to(weight.device)]
+            first = np.sort(first)
+            ids_u = ids[first]
+            if self.weight.device.type == "cpu":
+                index = torch.from_numpy(first)
+            else:
+                (index,) = self.uploader.upload([first])
+            weight = weight.index_select(0, index)
             if scale is not None:
-                scale = scale[torch.from_numpy(np.sort(first)).to(scale.device)]
+                scale = scale.index_select(0, index)
             sets = self.sets_of(ids_u)
             order = np.argsort(sets, kind="stable")  # keeps hottest-first within each set
             touched, first, group = np.unique(sets[order], return_index=True, return_inverse=True)

@@ -3,11 +3,15 @@
 Why not `tensor.pin_memory()`: PyTorch's caching host allocator rounds every request up to a
 power of two (a 20.4 GiB table pins 32 GiB). Instead a region is mapped here (anonymous, or a
 file in /dev/shm) and then, on CUDA, page-locked in place with `cudaHostRegister`, at most
-MAX_REGISTER_BYTES per call (recent drivers fail a single registration near 512 GiB). cupy's
-`cudaHostAlloc` is the other allocator; cupy is optional and imported only when asked for.
+MAX_REGISTER_BYTES per call (recent drivers fail a single registration near 512 GiB). Every
+CUDA call goes through the device runtime (engram_serve/device.py: `register_host`,
+`unregister_host`, `device_attribute`, `host_view`), so the tests prove this file on a CPU-only
+machine with a recording fake (tests/fake_cuda.py). cupy's `cudaHostAlloc` is the other
+allocator; cupy is optional and imported only when asked for.
 
 A registered region is "mapped": under UVA its host address is also a device address, so
-`cuda_view` wraps it as a CUDA tensor that kernels read in place over PCIe (zero copy).
+`cuda_view` wraps it as a CUDA tensor that kernels read in place over PCIe (zero copy). It
+refuses anything else rather than let torch copy a table into HBM.
 
 Node-shared tables: `shared_table` copies a table once into /dev/shm; every server process on the
 node maps the same pages (MAP_SHARED), so a replica adds page-table entries, not a copy.
@@ -16,11 +20,15 @@ node maps the same pages (MAP_SHARED), so a replica adds page-table entries, not
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import json
+import logging
 import mmap
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from engram_serve import device
+
+logger = logging.getLogger(__name__)
+
 MAX_REGISTER_BYTES = 64 << 30
 COPY_CHUNK_BYTES = 64 << 20
 _MAX_FOLIO = 2 << 20  # the largest page-cache folio on x86-64 and arm64 with 4 KiB pages
 SHM_DIR = Path(os.environ.get("ENGRAM_SHM_DIR", "/dev/shm"))
-_CUDA_HOST_REGISTER_MAPPED = 0x02
-_CUDA_HOST_REGISTER_PORTABLE = 0x01
-_CUDA_HOST_REGISTER_READ_ONLY = 0x08
+_MAP_FIXED = 0x10  # Linux (x86-64, arm64); Python's mmap module does not export it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,18 +56,20 @@ class HostMemory:
     """A page-aligned host region: anonymous memory, or a file mapped MAP_SHARED.
 
     `array(dtype, shape, offset)` views it as NumPy; the views keep the mapping alive.
+    `pin(runtime)` page-locks it for a CUDA device, `close()` unregisters it again.
     """
 
     def __init__(self, nbytes: int, path: Path | None = None, writable: bool = True) -> None:
-        self.nbytes, self.path, self.writable = int(nbytes), path, writable
-        size = max(self.nbytes, 1)  # mmap refuses length 0; an empty table maps one byte
+        self.nbytes, self.path = int(nbytes), path
+        self.writable = writable or path is None  # anonymous memory is always mapped writable
+        self._size = max(self.nbytes, 1)  # mmap refuses length 0; an empty table maps one byte
         if path is None:  # private: Python's default anonymous map is MAP_SHARED (shmem)
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-            self._mmap = mmap.mmap(-1, size, flags=flags)
+            self._mmap = mmap.mmap(-1, self._size, flags=flags)
         else:
             with open(path, "r+b" if writable else "rb") as f:
                 access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-                self._mmap = mmap.mmap(f.fileno(), size, access=access)
+                self._mmap = mmap.mmap(f.fileno(), self._size, access=access)
         _advise_huge_pages(self._mmap)
         self._bytes = np.frombuffer(self._mmap, dtype=np.uint8, count=self.nbytes)
         self.registration: Registration | None = None
@@ -74,13 +86,49 @@ class HostMemory:
             .reshape(shape)
         )
 
-    def pin(self) -> HostMemory:
-        """Page-lock the region for the GPU (cudaHostRegister, mapped, in chunks)."""
+    def pin(self, runtime: Any) -> HostMemory:
+        """Page-lock the region for `runtime`'s GPU (cudaHostRegister, mapped, in chunks).
+
+        A read-only file mapping (a shared table) is registered read-only where the device
+        supports that; elsewhere it is re-mapped writable first and registered read-write, since
+        CUDA refuses to register a read-only mapping read-write (`_remap_writable`).
+        """
+        if not _is_cuda(runtime):
+            raise ValueError("pinning host memory needs a CUDA runtime")
         if self.registration is None and self.nbytes:
-            self.registration = Registration(self.ptr, self.nbytes, read_only=not self.writable)
+            read_only = not self.writable
+            if read_only and not read_only_supported(runtime):
+                _log_read_write_fallback(str(runtime.device))
+                self._remap_writable()
+                read_only = False
+            self.registration = Registration(self.ptr, self.nbytes, runtime, read_only=read_only)
         return self
 
+    def _remap_writable(self) -> None:
+        """Map the same file writable at the same address, replacing the read-only mapping.
+
+        Why in place: `shared_table` hands out its arrays before anything is pinned (pinning
+        needs a runtime, mapping does not), and those arrays must lie inside what is then
+        registered. mmap(MAP_SHARED | MAP_FIXED) of the same file at the same address swaps the
+        mapping in one step under the kernel's mmap lock: same addresses, same page-cache
+        pages, so every array keeps its bytes and stays valid. The arrays stay read-only in
+        NumPy, so this process still cannot write the table by accident. Opening the file for
+        writing is allowed: its user's server processes made it.
+        """
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long)  # fmt: skip
+        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED
+        with open(self.path, "r+b") as f:
+            got = libc.mmap(self.ptr, self._size, prot, flags, f.fileno(), 0)
+        if got != self.ptr:
+            raise OSError(ctypes.get_errno(), f"re-mapping {self.path} writable failed")
+        _advise_huge_pages(self._mmap)  # the advice belonged to the mapping just replaced
+        self.writable = True
+
     def close(self) -> None:
+        """Unregister the region (the mapping itself lives on while arrays view it)."""
         if self.registration is not None:
             self.registration.release()
             self.registration = None
@@ -145,43 +193,78 @@ def _read_exactly(fd: int, dst: np.ndarray, offset: int, name: str) -> None:
 # CUDA: registration, cupy allocation, UVA views
 
 
-def _cudart():
-    if not torch.cuda.is_available():
-        raise RuntimeError("pinned host memory needs CUDA; this process has no CUDA device")
-    return torch.cuda.cudart()
+@functools.cache
+def _log_read_write_fallback(device_name: str) -> None:
+    """One line per device and process, however many tables fall back."""
+    logger.warning(
+        "%s cannot register host memory read-only (device attribute %d is 0): shared tables "
+        "are mapped writable and registered read-write",
+        device_name, device.ATTR_HOST_REGISTER_READ_ONLY_SUPPORTED,
+    )  # fmt: skip
 
 
-def _check(err: Any, what: str) -> None:
-    code = int(getattr(err, "value", err))
-    if code != 0:
-        raise RuntimeError(f"{what} failed with CUDA error {code}")
+def _is_cuda(runtime: Any) -> bool:
+    return runtime is not None and runtime.is_cuda
+
+
+def read_only_supported(runtime: Any) -> bool:
+    """Whether `runtime`'s device accepts cudaHostRegisterReadOnly (device attribute 113)."""
+    return runtime.device_attribute(device.ATTR_HOST_REGISTER_READ_ONLY_SUPPORTED) == 1
+
+
+# Host ranges this process has page-locked and mapped (Registration, CupyHostMemory): the only
+# memory `cuda_view` wraps.
+_pinned: set[Any] = set()
+_pinned_lock = threading.Lock()
+
+
+def _is_pinned(ptr: int, nbytes: int) -> bool:
+    with _pinned_lock:
+        return any(p.ptr <= ptr and ptr + nbytes <= p.ptr + p.nbytes for p in _pinned)
 
 
 class Registration:
-    """`cudaHostRegister(Mapped | Portable)` of [ptr, ptr + nbytes), chunk by chunk."""
+    """`cudaHostRegister(Mapped | Portable [| ReadOnly])` of [ptr, ptr + nbytes) through
+    `runtime`, at most `chunk` bytes a call. Mapped: under UVA the host address is then a device
+    address (what `cuda_view` relies on); portable: every CUDA context may use it. `release()`
+    unregisters it; nothing may be in flight on it then."""
 
     def __init__(
-        self, ptr: int, nbytes: int, chunk: int = MAX_REGISTER_BYTES, read_only: bool = False
+        self,
+        ptr: int,
+        nbytes: int,
+        runtime: Any,
+        chunk: int = MAX_REGISTER_BYTES,
+        read_only: bool = False,
     ) -> None:
+        if read_only and not read_only_supported(runtime):
+            raise RuntimeError(
+                "this GPU cannot register host memory read-only (device attribute "
+                f"{device.ATTR_HOST_REGISTER_READ_ONLY_SUPPORTED} is 0): register a writable "
+                "mapping (HostMemory.pin re-maps a shared table writable)"
+            )
+        self.ptr, self.nbytes, self.runtime = int(ptr), int(nbytes), runtime
         self.chunks: list[tuple[int, int]] = []
-        cudart = _cudart()
-        flags = _CUDA_HOST_REGISTER_MAPPED | _CUDA_HOST_REGISTER_PORTABLE
+        flags = device.HOST_REGISTER_MAPPED | device.HOST_REGISTER_PORTABLE
         if read_only:  # a read-only mapping (a shared table) must be registered as such
-            flags |= _CUDA_HOST_REGISTER_READ_ONLY
+            flags |= device.HOST_REGISTER_READ_ONLY
         try:
-            for offset, size in register_chunks(nbytes, chunk):
-                what = f"cudaHostRegister of {size} bytes at offset {offset}"
-                _check(cudart.cudaHostRegister(ptr + offset, size, flags), what)
-                self.chunks.append((ptr + offset, size))
+            for offset, size in register_chunks(self.nbytes, chunk):
+                self.runtime.register_host(self.ptr + offset, size, flags)
+                self.chunks.append((self.ptr + offset, size))
         except BaseException:
             self.release()
             raise
+        with _pinned_lock:
+            _pinned.add(self)
 
     def release(self) -> None:
-        cudart = torch.cuda.cudart()
+        """Unregister every chunk, last first; cuda_view refuses the range from now on."""
+        with _pinned_lock:
+            _pinned.discard(self)
         while self.chunks:
-            start, _ = self.chunks.pop()
-            cudart.cudaHostUnregister(start)
+            self.runtime.unregister_host(self.chunks[-1][0])
+            self.chunks.pop()
 
 
 def register_chunks(nbytes: int, chunk: int = MAX_REGISTER_BYTES) -> list[tuple[int, int]]:
@@ -199,14 +282,19 @@ class CupyHostMemory:
             import cupy
         except ImportError:
             raise RuntimeError(
-                "pinned allocation with cudaHostAlloc needs cupy: pip install cupy-cuda12x "
-                "(or use the mmap + cudaHostRegister path, which needs only torch)"
+                "pinned allocation with cudaHostAlloc needs cupy (cupy-cuda13x): "
+                "pip install 'engram-serve[cuda]' (or use the mmap + cudaHostRegister path, "
+                "which needs only torch)"
             ) from None
         self._runtime = cupy.cuda.runtime
         self.nbytes = int(nbytes)
-        self.ptr = self._runtime.hostAlloc(max(1, self.nbytes), 0x02 | 0x01)
-        buf = (np.ctypeslib.ctypes.c_uint8 * max(1, self.nbytes)).from_address(self.ptr)
+        # cudaHostAllocMapped | cudaHostAllocPortable: the same bits as the registration flags
+        flags = device.HOST_REGISTER_MAPPED | device.HOST_REGISTER_PORTABLE
+        self.ptr = self._runtime.hostAlloc(max(1, self.nbytes), flags)
+        buf = (ctypes.c_uint8 * max(1, self.nbytes)).from_address(self.ptr)
         self._bytes = np.frombuffer(buf, dtype=np.uint8, count=self.nbytes)
+        with _pinned_lock:
+            _pinned.add(self)
 
     def array(self, dtype: Any, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
         count = int(np.prod(shape, dtype=np.int64))
@@ -217,39 +305,44 @@ class CupyHostMemory:
         )
 
     def close(self) -> None:
+        with _pinned_lock:
+            _pinned.discard(self)
         if self.ptr:
             self._runtime.freeHost(self.ptr)
             self.ptr = 0
 
 
-@dataclass
-class _CudaArray:
-    """The minimal `__cuda_array_interface__` torch needs to wrap a raw device address."""
+def cuda_view(array: np.ndarray, runtime: Any) -> torch.Tensor:
+    """A CUDA tensor over `array` where it lies, in registered (mapped) host memory: kernels
+    read it in place over UVA. Never a copy: anything else is refused with a RuntimeError.
 
-    ptr: int
-    shape: tuple[int, ...]
-    typestr: str
-
-    @property
-    def __cuda_array_interface__(self) -> dict[str, Any]:
-        return {"shape": self.shape, "typestr": self.typestr, "data": (self.ptr, False),
-                "version": 3, "strides": None}  # fmt: skip
-
-
-def cuda_view(array: np.ndarray, device: torch.device | str = "cuda") -> torch.Tensor:
-    """A CUDA tensor over registered (mapped) host memory: kernels read it in place over UVA.
-
-    The caller keeps the memory registered and alive while the view is used. Only valid where
-    the device can use host pointers for registered memory (every 64-bit Linux UVA system).
+    What must hold: the device can use a registered host pointer as a device pointer (device
+    attribute 91; every 64-bit Linux UVA system), `array` lies inside memory this process has
+    registered (Registration, HostMemory.pin, CupyHostMemory) and the caller keeps it registered
+    and alive while the view is used, and the view's address is the host address (any other
+    would mean torch copied the array into device memory: a table would fill HBM).
     """
     if not array.flags.c_contiguous:
         raise ValueError("cuda_view needs a C-contiguous host array")
-    wrapped = array.view(np.int16) if array.dtype == np.uint16 else array
-    out = torch.as_tensor(
-        _CudaArray(int(array.ctypes.data), tuple(array.shape), wrapped.dtype.str),
-        device=device,
-    )
-    return out
+    attr = device.ATTR_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM
+    if runtime.device_attribute(attr) != 1:
+        raise RuntimeError(
+            f"this GPU cannot read registered host memory at its host address (device "
+            f"attribute {attr} is 0): read host tables staged (host_gather='staged')"
+        )
+    host_ptr = int(array.ctypes.data)
+    if not _is_pinned(host_ptr, array.nbytes):
+        raise RuntimeError(
+            f"{array.nbytes} bytes at {host_ptr:#x} are not inside host memory this process "
+            "registered: pin them (HostMemory.pin) before viewing them from the GPU"
+        )
+    view = runtime.host_view(array)
+    if not runtime.view_points_at_host(view, array):  # view.data_ptr() == host_ptr, on a GPU
+        raise RuntimeError(
+            f"the device view of host memory at {host_ptr:#x} lies elsewhere: torch copied it "
+            "to the device instead of reading it in place; refusing"
+        )
+    return view
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,12 +358,13 @@ def _advise_huge_pages(region: mmap.mmap) -> None:
         region.madvise(mmap.MADV_HUGEPAGE)
 
 
-def host_empty(shape: tuple[int, ...], dtype: Any, pinned: bool) -> tuple[np.ndarray, HostMemory]:
-    """A host array for staging, page-locked when `pinned` (exact size, unlike pin_memory())."""
+def host_empty(shape: tuple[int, ...], dtype: Any, runtime: Any) -> tuple[np.ndarray, HostMemory]:
+    """A host array for staging, exactly its size (unlike pin_memory()). Page-locked for
+    `runtime`'s GPU where it is a CUDA runtime; None or a CPU runtime: plain memory."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     mem = HostMemory(nbytes)
-    if pinned:
-        mem.pin()
+    if _is_cuda(runtime):
+        mem.pin(runtime)
     return mem.array(dtype, shape), mem
 
 

@@ -9,14 +9,20 @@ One layer's fetch (LayerFetcher.fetch), in a worker thread per layer (prefetch o
 wait() (prefetch off); on a CPU device reading a staged store (disk, host-staged), split by
 LayerFetcher.begin: steps 1-2 start in the engine thread at step start, the reads run on the
 I/O threads, and the rest runs inside wait() (threads doing Python work beside the forward pass
-cost more than they hid on 2 cores):
+cost more than they hid on 2 cores; on CUDA the same split keeps CUDA work in one thread):
     1. unique row ids of the step (dedupe) -> cache lookup, pinning the hits;
     2. misses read from the backing tier: by device index (device, UVA), or by CPU threads into
        reused host staging, then one non-blocking copy to the device;
     3. misses offered to the cache; unique rows assembled from cache slots and fetched rows;
     4. decoded to float32 once per unique row, expanded back to [T, C, W]; pins released.
-On CUDA steps 2-4 are enqueued on one side stream and an event is recorded per layer; wait()
-makes the current stream wait on it. Time blocked in wait() is the stall.
+On CUDA every layer has a stream of its own and every device operation is enqueued from the
+engine thread (no Python thread issues CUDA work): at step start a table the device reads (HBM,
+UVA) has its whole fetch enqueued on the layer's stream; a staged store's reads start on the I/O
+threads and the rest (the non-blocking copy out of pinned staging, cache admission, assembly,
+decoding) is enqueued inside wait(). An event is recorded after the layer's work and wait()
+makes the compute stream wait on it, so the first Engram layer's fetch never queues behind a
+later layer's. Index arrays reach the device from pinned memory (offload/uploads.py): a fetch
+never synchronises the host. Time blocked in wait() is the stall.
 
 Warm-up (the look-ahead: `OffloadConfig.lookahead`, on for the disk tier, with prefetch and a
 cache):
@@ -47,7 +53,9 @@ import torch
 from tqdm.auto import tqdm
 
 from engram_serve.config import EngramConfig, OffloadConfig
+from engram_serve.device import CpuRuntime, get_runtime
 from engram_serve.kernels.cpu_gather import gather_rows_cpu
+from engram_serve.kernels.reference import FP8_E4M3_TABLE, UE8M0_TABLE, DecodeTables
 from engram_serve.offload import pinned
 from engram_serve.offload.cache import RowCache, RowProfile
 from engram_serve.offload.tiers import (
@@ -56,17 +64,21 @@ from engram_serve.offload.tiers import (
     EngramTable,
     StagedStore,
     as_numpy,
-    as_torch,
     cancel_unstarted,
     decode_rows,
     device_store,
+    gather_stored,
     host_store,
     stored_np_dtype,
     stored_torch_dtype,
     wait_reads,
 )
+from engram_serve.offload.uploads import Uploader
 
-STAGING_DEPTH = 2  # steps of one layer that may hold staging at once (this step and the next)
+# Staging buffers of one layer: this step's fetch, its look-ahead, and the last step's look-ahead,
+# whose copy into the cache is enqueued as this step starts (CUDA: its buffer is free once that
+# copy is done, a step later; a third buffer keeps that wait off the host).
+STAGING_DEPTH = 3
 STAGING_MIN_ROWS = 4096
 # Row copies on CPU go through NumPy (here and in RowCache._write), not torch indexing: ATen forks
 # an OpenMP team for an op over 32,768 elements (at::internal::GRAIN_SIZE), and a second team
@@ -98,9 +110,9 @@ class Staging:
 class StagingPool:
     """One layer's staging buffers, allocated once and grown (never per step)."""
 
-    def __init__(self, width: int, scale_width: int, np_dtype: Any, pinned_memory: bool) -> None:
+    def __init__(self, width: int, scale_width: int, np_dtype: Any, runtime: CpuRuntime) -> None:
         self.width, self.scale_width, self.np_dtype = width, scale_width, np_dtype
-        self.pinned = pinned_memory
+        self.runtime = runtime  # pinned memory on CUDA
         self.free: queue.Queue[Staging] = queue.Queue()
         self.allocations = 0
         for _ in range(STAGING_DEPTH):
@@ -108,18 +120,18 @@ class StagingPool:
 
     def _allocate(self, rows: int) -> Staging:
         self.allocations += 1
-        w, w_mem = pinned.host_empty((rows, self.width), self.np_dtype, self.pinned)
+        w, w_mem = pinned.host_empty((rows, self.width), self.np_dtype, self.runtime)
         s, mems = None, [w_mem]
         if self.scale_width:
-            s, s_mem = pinned.host_empty((rows, self.scale_width), np.uint8, self.pinned)
+            s, s_mem = pinned.host_empty((rows, self.scale_width), np.uint8, self.runtime)
             mems.append(s_mem)
         return Staging(w, s, mems)
 
     def acquire(self, rows: int) -> Staging:
         staging = self.free.get()
-        if staging.ready is not None:
-            staging.ready.synchronize()
-            staging.ready = None
+        if staging.ready is not None and not staging.ready.query():
+            staging.ready.synchronize()  # its copy is still in flight: never refill under it
+        staging.ready = None
         if staging.capacity < rows:  # grow geometrically: steady state allocates nothing
             for mem in staging.memories:
                 mem.close()
@@ -152,9 +164,20 @@ class LayerFetcher:
         table: EngramTable,
         store: DeviceStore | StagedStore,
         cache: RowCache | None,
-        device: torch.device,
+        runtime: CpuRuntime,
+        indices: Uploader,
+        stream: Any = None,
     ) -> None:
-        self.table, self.store, self.cache, self.device = table, store, cache, device
+        """`indices`: this layer's uploader of index arrays; `stream`: its side stream (CUDA
+        with prefetch; None: the caller's stream)."""
+        self.table, self.store, self.cache = table, store, cache
+        self.runtime, self.device = runtime, runtime.device
+        self.indices, self.stream = indices, stream
+        self.decode_tables = (
+            DecodeTables(runtime.upload(FP8_E4M3_TABLE), runtime.upload(UE8M0_TABLE))
+            if runtime.is_cuda
+            else DecodeTables()
+        )
         self.width, self.dtype = table.width, table.table_dtype
         self.stored_row_bytes = table.row_bytes + table.scale_row_bytes
         self.staging = (
@@ -164,7 +187,7 @@ class LayerFetcher:
                 table.width,
                 table.scale_row_bytes,
                 stored_np_dtype(table.table_dtype),
-                device.type == "cuda",
+                runtime,
             )
         )
         # The device tier gathers every row as is: the baseline. Other paths dedupe first,
@@ -258,15 +281,19 @@ class LayerFetcher:
             self.counts["warmed"] += rows
             self.rows_read[self.store.tier] = self.rows_read.get(self.store.tier, 0) + rows
 
-    def begin(self, ids: np.ndarray) -> Callable[[], torch.Tensor]:
-        """`fetch` for a CPU device and a staged store, in two halves: now, in the caller's
-        thread, dedupe, cache lookup and the misses' reads started on the I/O threads; then the
-        returned function, called from `wait`, waits for the reads and does the rest (admit,
-        assemble, decode) in its caller's thread. Only the reads overlap the forward pass: fetch
-        work in threads of its own competed with it for 2 cores and the GIL (0.88 of the device
-        tier's output tokens/s on text, against 0.98 with no overlap at all)."""
-        start = time.perf_counter()
+    def begin(self, ids: np.ndarray) -> Callable[[], tuple[torch.Tensor, Any]]:
+        """`fetch` in two halves, for the split mode (see the module docstring): now, in the
+        caller's thread, what must start early; then the returned function, called from `wait`,
+        does the rest in its caller's thread and returns the rows with the event after them
+        (None on CPU). Only the reads overlap the forward pass on CPU: fetch work in threads of
+        its own competed with it for 2 cores and the GIL (0.88 of the device tier's output
+        tokens/s on text, against 0.98 with no overlap at all)."""
         self._finish_warm()  # rows read ahead during the last step become hits now
+        if self.store.reads_on_device:  # CUDA: the whole fetch enqueued on the layer's stream
+            with self.runtime.stream(self.stream):
+                done = self.fetch(ids), self._record()
+            return lambda: done
+        start = time.perf_counter()
         num_tokens, num_cols = ids.shape
         unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
         slots = self._lookup(unique)
@@ -276,26 +303,33 @@ class LayerFetcher:
         reads = self.store.submit_reads(self._reading, *self._staging_views(staging, len(miss)))
         begun_s = time.perf_counter() - start
 
-        def finish() -> torch.Tensor:
+        def finish() -> tuple[torch.Tensor, Any]:
             start = time.perf_counter()
             try:
                 wait_reads(reads)
-                staged = self._staged_tensors(staging, len(miss))
-                out = self._complete(unique, inverse, slots, miss, *staged)
+                with self.runtime.stream(self.stream):
+                    staged = self._on_device(*self._staging_views(staging, len(miss)))
+                    out = self._complete(unique, inverse, slots, miss, *staged)
+                    event = self._record()
             finally:
-                self.staging.release(staging)
+                self._release_staging(staging)
                 self._reading = np.empty(0, np.int64)
                 if self.cache is not None:
                     self.cache.release(slots)
             self._count(ids.size, len(unique), len(unique) - len(miss), start - begun_s)
-            return out.view(num_tokens, num_cols, self.width)
+            return out.view(num_tokens, num_cols, self.width), event
 
         return finish
 
     def begin_warm(self, ids: np.ndarray) -> None:
-        """`warm` for `begin`'s mode: the reads start now, the rows enter the cache at the next
-        `begin` (or `begin_warm`), in the caller's thread."""
+        """`warm` for `begin`'s mode: a staged store's reads start now and the rows enter the
+        cache at the next `begin` (or `begin_warm`), in the caller's thread; a table the device
+        reads is warmed on the layer's stream at once, behind this step's fetch."""
         self._finish_warm()
+        if self.store.reads_on_device:
+            with self.runtime.stream(self.stream):
+                self.warm(ids)
+            return
         miss_ids = self._uncached(ids)
         miss_ids = miss_ids[~np.isin(miss_ids, self._reading, assume_unique=True)]  # read already
         if len(miss_ids):
@@ -313,52 +347,68 @@ class LayerFetcher:
         try:
             started = cancel_unstarted(reads)
             wait_reads(started)
-            ids, (w, s) = miss_ids, self._staged_tensors(staging, len(miss_ids))
+            ids, (w, s) = miss_ids, self._staging_views(staging, len(miss_ids))
             if len(started) < len(reads):  # some were cancelled: admit the rows read
                 read = np.zeros(len(miss_ids), bool)
                 for rows, _ in started:
                     read[rows] = True
-                mask = torch.from_numpy(read)
-                ids, w, s = miss_ids[read], w[mask], None if s is None else s[mask]
-            self.cache.admit(ids, w, s)
+                ids, w, s = miss_ids[read], w[read], None if s is None else s[read]
+            with self.runtime.stream(self.stream):
+                self.cache.admit(ids, *self._on_device(w, s))
         except Exception:  # only a loss of speed: the step's own fetch reads these rows
             log.exception("warming Engram layer %d's cache failed", self.table.layer_id)
             return
         finally:
-            self.staging.release(staging)
+            with self.runtime.stream(self.stream):
+                self._release_staging(staging)
         self._count_warmed(len(ids))
 
     def _staging_views(self, staging: Staging, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
         return staging.weight[:rows], None if staging.scale is None else staging.scale[:rows]
 
-    def _staged_tensors(
-        self, staging: Staging, rows: int
+    def _on_device(
+        self, weight: np.ndarray, scale: np.ndarray | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The first `rows` staged rows as CPU tensors (views: no copy)."""
-        w, s = self._staging_views(staging, rows)
-        return as_torch(w, self.dtype), None if s is None else torch.from_numpy(s)
+        """Stored host rows on the device: views on CPU; on CUDA non-blocking copies out of
+        pinned staging, enqueued on the current stream."""
+        bf16 = self.dtype == "bfloat16"  # NumPy has no bfloat16: its 16-bit words go
+        w = self.runtime.upload(weight.view(np.int16) if bf16 else weight, non_blocking=True)
+        w = w.view(torch.bfloat16) if bf16 else w
+        return w, None if scale is None else self.runtime.upload(scale, non_blocking=True)
+
+    def _record(self) -> Any:
+        """An event after the work enqueued so far on the layer's stream (None on CPU)."""
+        if self.stream is None:
+            return None
+        event = self.runtime.new_event()
+        event.record(self.stream)
+        return event
 
     def _release_staging(self, staging: Staging | None) -> None:
+        """Back to the pool; on CUDA with the event after the copies out of it (enqueued on the
+        current stream), so it is refilled only after them."""
         if staging is None:
             return
         ready = None
-        if self.device.type == "cuda":  # refill only after the copies out of it
-            ready = torch.cuda.Event()
+        if self.runtime.is_cuda:
+            ready = self.runtime.new_event()
             ready.record()
         self.staging.release(staging, ready)
 
     def _gather_decode(
-        self, weight: torch.Tensor, scale: torch.Tensor | None, index: np.ndarray
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        index: np.ndarray,
     ) -> torch.Tensor:
         """float32 `[n, W]` = decode(weight[index]); one fused pass on CPU (its exactness is
         tested against the reference in tests/test_kernels.py and here)."""
         if self.device.type == "cpu":
             idx = torch.from_numpy(np.ascontiguousarray(index).reshape(-1))
             return gather_rows_cpu(weight, idx, scale, block=self.table.quant_block)
-        idx = self._to_device(index.reshape(-1))
-        w = weight.index_select(0, idx)
-        s = None if scale is None else scale.index_select(0, idx)
-        return decode_rows(w, s, self.dtype, self.table.quant_block)
+        (idx,) = self.indices.upload([index.reshape(-1)])
+        w, s = gather_stored(weight, scale, idx)
+        return decode_rows(w, s, self.dtype, self.table.quant_block, self.decode_tables)
 
     def _read(
         self, ids: np.ndarray, staging: Staging | None
@@ -368,9 +418,7 @@ class LayerFetcher:
         if staging is None:
             return self.store.gather(self._to_device(ids))
         self.store.read(ids, *self._staging_views(staging, len(ids)))
-        w, s = self._staged_tensors(staging, len(ids))
-        w = w.to(self.device, non_blocking=True)
-        return w, None if s is None else s.to(self.device, non_blocking=True)
+        return self._on_device(*self._staging_views(staging, len(ids)))
 
     def _assemble(
         self,
@@ -383,31 +431,31 @@ class LayerFetcher:
         if len(miss) == len(slots):
             return miss_w, miss_s
         hit = np.flatnonzero(slots >= 0)
-        w = self._merge(self.cache.weight, slots[hit], hit, miss_w, miss)
-        s = None if miss_s is None else self._merge(self.cache.scale, slots[hit], hit, miss_s, miss)
+        if self.device.type == "cpu":
+            index = hit, slots[hit], miss
+        else:
+            index = tuple(self.indices.upload([hit, slots[hit], miss]))
+        w = self._merge(self.cache.weight, miss_w, *index)
+        s = None if miss_s is None else self._merge(self.cache.scale, miss_s, *index)
         return w, s
 
-    def _merge(
-        self,
-        cached: torch.Tensor,
-        cache_slots: np.ndarray,
-        hit: np.ndarray,
-        fetched: torch.Tensor,
-        miss: np.ndarray,
-    ) -> torch.Tensor:
-        """`[len(hit) + len(miss), W]`: cached[cache_slots] at rows `hit`, fetched at `miss`."""
+    def _merge(self, cached: torch.Tensor, fetched: torch.Tensor, hit, cache_slots, miss):
+        """`[len(hit) + len(miss), W]`: cached[cache_slots] at rows `hit`, fetched at `miss`
+        (NumPy index arrays on CPU, device tensors elsewhere)."""
         out = torch.empty((len(hit) + len(miss), cached.shape[1]), dtype=cached.dtype,
                           device=self.device)  # fmt: skip
         if self.device.type == "cpu":  # NumPy copies (see the note on CPU row copies)
             as_numpy(out)[hit] = as_numpy(cached)[cache_slots]
             as_numpy(out)[miss] = as_numpy(fetched)
         else:
-            out[self._to_device(hit)] = cached[self._to_device(cache_slots)]
-            out[self._to_device(miss)] = fetched
+            out.index_copy_(0, hit, cached.index_select(0, cache_slots))
+            out.index_copy_(0, miss, fetched)
         return out
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.ascontiguousarray(a))
+        return self.indices.upload([a])[0]
 
     def _count(self, lookups: int, unique: int, hits: int, start: float) -> None:
         """One fetch: `unique` distinct rows looked up, `hits` of them served by the cache and
@@ -443,6 +491,7 @@ class LayerFetcher:
     def close(self) -> None:
         self._finish_warm()
         self.store.close()
+        self.indices.close()
         if self.staging is not None:
             self.staging.close()
 
@@ -457,7 +506,8 @@ class StepRows:
     def __init__(self, prefetcher: Prefetcher, row_ids: dict[int, np.ndarray]) -> None:
         self._prefetcher, self._row_ids = prefetcher, row_ids
         self._futures: dict[int, Future] = {}
-        self._finishers: dict[int, Callable[[], torch.Tensor] | Exception] = {}
+        self._finishers: dict[int, Callable[[], tuple[torch.Tensor, Any]] | Exception] = {}
+        self._finished: dict[int, tuple[torch.Tensor, Any]] = {}  # by finish(), not yet waited
         self._done: dict[int, torch.Tensor] = {}
         self._first_layer = min(row_ids, default=None)  # the layer the model reaches first
         self._after_first_layer: list[Callable[[], None]] = []
@@ -476,20 +526,16 @@ class StepRows:
             )
         start = time.perf_counter()
         future = self._futures.get(layer_id)
-        if layer_id in self._finishers:
-            out, event = self._finish(layer_id), None
+        if layer_id in self._finished:
+            out, event = self._finished.pop(layer_id)
+        elif layer_id in self._finishers:
+            out, event = self._finish(layer_id)
         elif future is not None:
             out, event = future.result()
         else:
             out, event = self._prefetcher.run(layer_id, self._row_ids[layer_id])
-        if event is not None:  # rows were made on the side stream
-            current = torch.cuda.current_stream(out.device)
-            before, after = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            before.record(current)
-            current.wait_event(event)
-            after.record(current)  # after - before: how long the GPU itself stalled
-            out.record_stream(current)
-            self._prefetcher.add_gpu_stall(before, after)
+        if event is not None:  # rows were made on the layer's stream
+            self._prefetcher.wait_on_compute_stream(out, event)
         self._prefetcher.add_stall(time.perf_counter() - start)
         self._done[layer_id] = out
         if layer_id == self._first_layer:
@@ -514,9 +560,9 @@ class StepRows:
         self._after_first_layer.clear()
         for layer_id in list(self._finishers):
             with contextlib.suppress(Exception):  # kept for wait() to raise
-                self._done[layer_id] = self._finish(layer_id)
+                self._finished[layer_id] = self._finish(layer_id)
 
-    def _finish(self, layer_id: int) -> torch.Tensor:
+    def _finish(self, layer_id: int) -> tuple[torch.Tensor, Any]:
         finisher = self._finishers[layer_id]
         if isinstance(finisher, BaseException):
             raise finisher
@@ -537,20 +583,20 @@ class Prefetcher:
         engram: EngramConfig,
         fetchers: dict[int, LayerFetcher],
         offload: OffloadConfig,
-        device: torch.device,
+        runtime: CpuRuntime,
         io_pool: ThreadPoolExecutor,
     ) -> None:
-        self.engram, self.fetchers, self.offload, self.device = engram, fetchers, offload, device
-        self.io_pool = io_pool
+        self.engram, self.fetchers, self.offload = engram, fetchers, offload
+        self.runtime, self.device, self.io_pool = runtime, runtime.device, io_pool
         # In-RAM rows on a CPU device take microseconds to gather: a worker thread would only
         # add a hand-off and compete with the forward pass's threads for the cores.
-        in_ram = offload.tier == "device" and device.type == "cpu"
-        # A CPU device reading from staged stores: only the reads overlap (LayerFetcher.begin).
+        in_ram = offload.tier == "device" and not runtime.is_cuda
+        # The split mode (LayerFetcher.begin): on CUDA always, so that CUDA work stays in the
+        # engine thread; on CPU for staged stores, so that only the reads overlap.
         self.splits = (
             offload.prefetch
-            and device.type == "cpu"
             and bool(fetchers)
-            and all(not f.store.reads_on_device for f in fetchers.values())
+            and (runtime.is_cuda or all(not f.store.reads_on_device for f in fetchers.values()))
         )
         self.pool = (  # two threads a layer: a step's fetch and the next step's warm-up
             ThreadPoolExecutor(2 * len(fetchers), thread_name_prefix="engram-prefetch")
@@ -566,9 +612,6 @@ class Prefetcher:
         )
         self._last_step: StepRows | None = None
         self._last_job: dict[int, Future] = {}  # each layer's latest job (see submit)
-        self.stream = (
-            torch.cuda.Stream(device) if device.type == "cuda" and offload.prefetch else None
-        )
         self.steps, self.stall_s = 0, 0.0
         self._gpu_stall_events: list[tuple[Any, Any]] = []
         self._gpu_stall_s = 0.0
@@ -581,6 +624,8 @@ class Prefetcher:
             self.steps += 1
         if self._last_step is not None:  # one step's fetches in flight at a time (begin mode)
             self._last_step.finish()
+        for fetcher in self.fetchers.values():  # a fresh half of each index arena (uploads.py)
+            fetcher.indices.next_step()
         self._last_step = StepRows(self, per_layer)
         return self._last_step
 
@@ -611,11 +656,7 @@ class Prefetcher:
 
     def _warm_layer(self, layer_id: int, ids: np.ndarray) -> None:
         try:
-            if self.stream is None:
-                self.fetchers[layer_id].warm(ids)
-            else:
-                with torch.cuda.stream(self.stream):
-                    self.fetchers[layer_id].warm(ids)
+            self.fetchers[layer_id].warm(ids)
         except Exception:  # only a loss of speed: the step's own fetch reads these rows
             log.exception("warming Engram layer %d's cache failed", layer_id)
 
@@ -641,16 +682,22 @@ class Prefetcher:
             per_layer[layer_id] = np.array(ids, dtype=np.int64, order="C")  # ours to keep
         return per_layer
 
-    def run(self, layer_id: int, ids: np.ndarray) -> tuple[torch.Tensor, Any]:
-        """One layer's fetch; on CUDA with prefetch on, enqueued on the side stream."""
-        fetcher = self.fetchers[layer_id]
-        if self.stream is None:
-            return fetcher.fetch(ids), None
-        with torch.cuda.stream(self.stream):
-            out = fetcher.fetch(ids)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return out, event
+    def run(self, layer_id: int, ids: np.ndarray) -> tuple[torch.Tensor, None]:
+        """One layer's fetch in the caller's thread and on its stream (prefetch off, or a CPU
+        worker thread)."""
+        return self.fetchers[layer_id].fetch(ids), None
+
+    def wait_on_compute_stream(self, rows: torch.Tensor, event: Any) -> None:
+        """Make the current (compute) stream wait for `event`, after which `rows`, made on a
+        layer's stream, may be read; timing events around the wait measure the GPU's stall."""
+        runtime = self.runtime
+        compute = runtime.current_stream()
+        before, after = runtime.new_event(timing=True), runtime.new_event(timing=True)
+        before.record(compute)
+        runtime.wait_event(compute, event)
+        after.record(compute)  # after - before: how long the GPU itself stalled
+        runtime.record_stream(rows, compute)  # allocated on the layer's stream, used here
+        self.add_gpu_stall(before, after)
 
     def add_stall(self, seconds: float) -> None:
         with self._lock:
@@ -659,16 +706,21 @@ class Prefetcher:
     def add_gpu_stall(self, before: Any, after: Any) -> None:
         with self._lock:
             self._gpu_stall_events.append((before, after))
+        self.gpu_stall_s()  # the list holds only the events still in flight
 
     def gpu_stall_s(self) -> float:
-        """Time the compute stream waited on prefetch events (resolved lazily: reading it
-        synchronises on the recorded events)."""
+        """Time the compute stream waited on prefetch events, over the waits the GPU has
+        finished: events are queried, never synchronised, so reading it never stalls the
+        host (the last step's waits may still be missing)."""
         with self._lock:
-            pending, self._gpu_stall_events = self._gpu_stall_events, []
-        for before, after in pending:
-            after.synchronize()
-            self._gpu_stall_s += before.elapsed_time(after) / 1e3
-        return self._gpu_stall_s
+            pending = []
+            for before, after in self._gpu_stall_events:
+                if after.query():
+                    self._gpu_stall_s += before.elapsed_time(after) / 1e3
+                else:
+                    pending.append((before, after))
+            self._gpu_stall_events = pending
+            return self._gpu_stall_s
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -681,7 +733,7 @@ class Prefetcher:
             "steps": self.steps,
             "stall_s": self.stall_s,  # host time blocked in wait()
         }
-        if self.device.type == "cuda":
+        if self.runtime.is_cuda:
             out["gpu_stall_s"] = self.gpu_stall_s()
         for key in (*_COUNTERS, "fetch_s"):
             out[key] = sum(s[key] for s in layers.values())
@@ -700,6 +752,7 @@ class Prefetcher:
     def close(self) -> None:
         if self._last_step is not None:
             self._last_step.finish()
+        self.runtime.synchronize()  # no copy may be in flight when pinned memory is unregistered
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.io_pool.shutdown(wait=True)
@@ -748,19 +801,20 @@ def _check_tables(engram: EngramConfig, tables: dict[int, EngramTable]) -> None:
 def _store(
     table: EngramTable,
     offload: OffloadConfig,
-    device: torch.device,
+    runtime: CpuRuntime,
     io_pool: ThreadPoolExecutor,
     progress: Callable[[int], None] | None,
 ) -> DeviceStore | StagedStore:
     if offload.tier == "device":
-        return device_store(table, device, progress)
+        return device_store(table, runtime, progress)
     if offload.tier == "host":
-        return host_store(table, device, io_pool, offload.shm_name, offload.host_gather, progress)
+        return host_store(table, runtime, io_pool, offload.shm_name, offload.host_gather, progress)
     return DiskStore(table, io_pool, direct=offload.direct_io)
 
 
 def _warm(fetcher: LayerFetcher, profile: RowProfile, fraction: float) -> int:
-    """Fill the cache's static hot set with the profile's hottest rows of this layer."""
+    """Fill the cache's static hot set with the profile's hottest rows of this layer (at
+    start-up, on the current stream)."""
     cache = fetcher.cache
     if fetcher.table.layer_id not in profile.rows:
         return 0
@@ -773,8 +827,7 @@ def _warm(fetcher: LayerFetcher, profile: RowProfile, fraction: float) -> int:
         w, s = fetcher._read(hot, staging)
         if staging is not None:  # copies: the staging goes back to the pool
             w, s = w.clone(), None if s is None else s.clone()
-            if fetcher.device.type == "cuda":
-                torch.cuda.synchronize(fetcher.device)
+            fetcher.runtime.synchronize()
     finally:
         if staging is not None:
             fetcher.staging.release(staging)
@@ -785,15 +838,14 @@ def build_prefetcher(
     engram: EngramConfig,
     tables: dict[int, EngramTable],
     offload: OffloadConfig,
-    device: torch.device | str = "cpu",
+    device: CpuRuntime | torch.device | str = "cpu",
     progress: bool = False,
 ) -> Prefetcher:
     """Place each Engram layer's table in `offload.tier`, build its cache, and return the
-    prefetcher the engine calls once per step. `progress`: a progress bar while tables are
-    copied into place (loading and pinning 100+ GB runs at a few GB/s)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    prefetcher the engine calls once per step. `device`: a device runtime (device.py), or a
+    device to make one for. `progress`: a progress bar while tables are copied into place
+    (loading and pinning 100+ GB runs at a few GB/s)."""
+    runtime = get_runtime(device) if isinstance(device, (str, torch.device)) else device
     _check_tables(engram, tables)
     io_pool = ThreadPoolExecutor(offload.num_io_threads, thread_name_prefix="engram-io")
     capacity = cache_rows_per_layer(offload, tables, len(engram.layer_ids))
@@ -806,7 +858,8 @@ def build_prefetcher(
     fetchers = {}
     for layer_id in engram.layer_ids:
         table = tables[layer_id]
-        store = _store(table, offload, device, io_pool, bar.update)
+        store = _store(table, offload, runtime, io_pool, bar.update)
+        indices = Uploader(runtime, np.int64)
         cache = None
         if capacity > 0 and offload.tier != "device":
             cache = RowCache(
@@ -814,11 +867,16 @@ def build_prefetcher(
                 table.width,
                 table.scale_row_bytes,
                 stored_torch_dtype(table.table_dtype),
-                device,
+                runtime.device,
                 offload.cache_policy,
+                uploader=indices,
             )
-        fetchers[layer_id] = LayerFetcher(table, store, cache, device)
+        stream = runtime.new_stream() if offload.prefetch else None
+        fetchers[layer_id] = LayerFetcher(table, store, cache, runtime, indices, stream)
         if cache is not None and profile is not None and offload.hot_fraction > 0:
             _warm(fetchers[layer_id], profile, offload.hot_fraction)
     bar.close()
-    return Prefetcher(engram, fetchers, offload, device, io_pool)
+    for fetcher in fetchers.values():  # caches were zeroed and warmed on the current stream
+        if fetcher.stream is not None:
+            runtime.wait_stream(fetcher.stream, runtime.current_stream())
+    return Prefetcher(engram, fetchers, offload, runtime, io_pool)

@@ -34,7 +34,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from engram_serve.kernels.reference import as_bytes, dequantize_rows
+from engram_serve.device import CpuRuntime
+from engram_serve.kernels.reference import DecodeTables, as_bytes, dequantize_rows
 from engram_serve.offload import aio, pinned, pread
 
 Tier = Literal["device", "host", "disk"]
@@ -176,11 +177,16 @@ def as_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def decode_rows(
-    weight: torch.Tensor, scale: torch.Tensor | None, table_dtype: str, quant_block: int
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    table_dtype: str,
+    quant_block: int,
+    tables: DecodeTables = DecodeTables(),
 ) -> torch.Tensor:
-    """Stored rows `[n, W]` -> float32 `[n, W]`, exactly as reference.gather_rows decodes."""
+    """Stored rows `[n, W]` -> float32 `[n, W]`, exactly as reference.gather_rows decodes;
+    `tables` on the rows' device."""
     if table_dtype == "fp8_e4m3":
-        return dequantize_rows(weight, scale, quant_block)
+        return dequantize_rows(weight, scale, quant_block, tables)
     return weight.float()
 
 
@@ -222,13 +228,31 @@ class DeviceStore:
         self.mode = "uva" if tier == "host" and weight.is_cuda else "direct"
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        scale = None if self.scale is None else self.scale.index_select(0, ids)
-        return self.weight.index_select(0, ids), scale
+        return gather_stored(self.weight, self.scale, ids)
 
     def close(self) -> None:
         for item in self._keepalive:
             if hasattr(item, "close"):
                 item.close()
+
+
+def gather_stored(
+    weight: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stored rows `ids` of `weight [R, W]` (and `scale`), on their device. On a GPU each thread
+    copies one element: rows viewed as 64-bit words move 8 bytes a load (over UVA: full PCIe
+    requests), not 1 or 2."""
+    scale = None if scale is None else scale.index_select(0, ids)
+    return _wide_view(weight).index_select(0, ids).view(weight.dtype), scale
+
+
+def _wide_view(weight: torch.Tensor) -> torch.Tensor:
+    """`weight [R, W]` viewed as int64 words `[R, W * itemsize / 8]` where rows are whole words
+    (every table format here: 256-byte FP8 rows, float rows of even width), else itself."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    if weight.is_cuda and row_bytes % 8 == 0 and weight.is_contiguous():
+        return weight.view(torch.int64)
+    return weight
 
 
 class StagedStore:
@@ -455,40 +479,43 @@ def _host_arrays(
 def _to_device(
     array: np.ndarray,
     table_dtype: str,
-    device: torch.device,
+    runtime: CpuRuntime,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Copy a (possibly file-mapped, larger-than-one-buffer) array to the device in chunks."""
     out = torch.empty(array.shape, dtype=_STORED_TORCH.get(table_dtype, torch.uint8),
-                      device=device)  # fmt: skip
+                      device=runtime.device)  # fmt: skip
     step = max(1, pinned.COPY_CHUNK_BYTES // max(1, array.nbytes // max(1, array.shape[0])))
     for start in range(0, array.shape[0], step):
         chunk = np.ascontiguousarray(array[start : start + step])
-        out[start : start + step].copy_(as_torch(chunk, table_dtype))
+        dst = out.narrow(0, start, len(chunk))
+        if table_dtype == "bfloat16":  # NumPy has no bfloat16: its 16-bit words go
+            dst, chunk = dst.view(torch.int16), chunk.view(np.int16)
+        runtime.upload_into(dst, chunk)
         if progress is not None:
             progress(chunk.nbytes)
     return out
 
 
 def device_store(
-    table: EngramTable, device: torch.device, progress: Callable[[int], None] | None = None
+    table: EngramTable, runtime: CpuRuntime, progress: Callable[[int], None] | None = None
 ) -> DeviceStore:
     """The baseline: the whole table in the device's own memory."""
-    if device.type == "cpu":
+    if not runtime.is_cuda:
         weight, scale, keep = _host_arrays(table, None, progress)
         w = as_torch(weight, table.table_dtype)
         s = None if scale is None else as_torch(scale, "fp8_e4m3")
     else:
         keep = ()
-        w = _to_device(table.weight, table.table_dtype, device, progress)
-        s = None if table.scale is None else _to_device(table.scale, "fp8_e4m3", device, progress)
+        w = _to_device(table.weight, table.table_dtype, runtime, progress)
+        s = None if table.scale is None else _to_device(table.scale, "fp8_e4m3", runtime, progress)
     nbytes = w.numel() * w.element_size() + (0 if s is None else s.numel())
     return DeviceStore("device", w, s, {"device": nbytes}, keep)
 
 
 def host_store(
     table: EngramTable,
-    device: torch.device,
+    runtime: CpuRuntime,
     io_pool: ThreadPoolExecutor,
     shm_name: str | None = None,
     gather: str = "auto",
@@ -499,7 +526,7 @@ def host_store(
     "uva" | "staged" | "auto" (time both on this machine and keep the faster)."""
     weight, scale, keep = _host_arrays(table, shm_name, progress)
     nbytes = weight.nbytes + (0 if scale is None else scale.nbytes)
-    if device.type == "cpu":
+    if not runtime.is_cuda:
         w = as_torch(weight, table.table_dtype)
         s = None if scale is None else as_torch(scale, "fp8_e4m3")
         return DeviceStore("host", w, s, {"host": nbytes}, keep)
@@ -508,16 +535,16 @@ def host_store(
     if shm_name is None and not keep:  # the caller's arrays: pin a private copy, not them
         weight, scale, keep = _pinned_copy(weight, scale, progress)
     for mem in keep:
-        mem.pin()
+        mem.pin(runtime)
     uva = DeviceStore(
         "host",
-        pinned.cuda_view(weight, device).view(_STORED_TORCH[table.table_dtype]),
-        None if scale is None else pinned.cuda_view(scale, device),
+        pinned.cuda_view(weight, runtime).view(_STORED_TORCH[table.table_dtype]),
+        None if scale is None else pinned.cuda_view(scale, runtime),
         {"host": nbytes},
         keep,
     )
     staged = HostGatherStore(weight, scale, io_pool, {"host": nbytes}, keep)
-    if gather == "uva" or (gather == "auto" and _uva_is_faster(uva, staged, table, device)):
+    if gather == "uva" or (gather == "auto" and _uva_is_faster(uva, staged, table, runtime)):
         return uva
     return staged
 
@@ -539,33 +566,34 @@ def _pinned_copy(
 
 
 def _uva_is_faster(
-    uva: DeviceStore, staged: HostGatherStore, table: EngramTable, device: torch.device,
+    uva: DeviceStore, staged: HostGatherStore, table: EngramTable, runtime: CpuRuntime,
     num_rows: int = 65536, repeats: int = 3,
 ) -> bool:  # fmt: skip
     """Time a step-sized random gather both ways (the choice is made once, at start-up)."""
     rng = np.random.default_rng(0)
     ids = np.unique(rng.integers(0, table.rows, num_rows))
-    w_out, w_mem = pinned.host_empty((len(ids), table.width), _STORED_NP[table.table_dtype], True)
+    w_out, w_mem = pinned.host_empty((len(ids), table.width), _STORED_NP[table.table_dtype],
+                                     runtime)  # fmt: skip
     s_out, s_mem = None, None
     if table.scale is not None:
-        s_out, s_mem = pinned.host_empty((len(ids), table.scale.shape[1]), np.uint8, True)
-    ids_dev = torch.from_numpy(ids).to(device)
+        s_out, s_mem = pinned.host_empty((len(ids), table.scale.shape[1]), np.uint8, runtime)
+    ids_dev = runtime.upload(ids)
 
     def run_uva() -> None:
         uva.gather(ids_dev)
 
     def run_staged() -> None:
         staged.read(ids, w_out, s_out)
-        as_torch(w_out, table.table_dtype).to(device)
+        runtime.upload(w_out, non_blocking=True)
 
     times = {}
     for name, fn in (("uva", run_uva), ("staged", run_staged)):
         fn()
-        torch.cuda.synchronize(device)
+        runtime.synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        torch.cuda.synchronize(device)
+            runtime.synchronize()  # the staged copy's source is refilled next time round
         times[name] = time.perf_counter() - start
     for mem in (w_mem, s_mem):
         if mem is not None:

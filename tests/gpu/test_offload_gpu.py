@@ -12,44 +12,26 @@ import numpy as np
 import pytest
 import torch
 
-from engram_serve.config import EngramConfig, OffloadConfig
+from engram_serve.bench.gpu_check import ENGRAM as CONFIG
+from engram_serve.bench.gpu_check import write_tables, zipf_steps
+from engram_serve.config import OffloadConfig
+from engram_serve.device import ATTR_HOST_REGISTER_READ_ONLY_SUPPORTED, CudaRuntime, get_runtime
 from engram_serve.kernels.reference import gather_rows
-from engram_serve.model.tables import table_layouts, table_path, write_random_table
 from engram_serve.offload import pinned
 from engram_serve.offload.prefetch import build_prefetcher
-from engram_serve.offload.tiers import host_store, open_tables
+from engram_serve.offload.tiers import host_store
 
 pytestmark = pytest.mark.gpu
-
-CONFIG = EngramConfig(
-    variant="v41",
-    layer_ids=(1, 3),
-    max_ngram_size=4,
-    n_head_per_ngram=8,
-    engram_vocab_size=(20_000, 20_000, 20_000),
-    head_dim=256,
-    table_dtype="fp8_e4m3",
-)
 
 
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("gpu_tables")
-    for layout in table_layouts(CONFIG):
-        path = table_path(model_dir, layout.layer_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_random_table(path, layout, seed=0)
-    return open_tables(model_dir, CONFIG.layer_ids)
+    return write_tables(tmp_path_factory.mktemp("gpu_tables"))
 
 
-def zipf_steps(tables, num_steps: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    for step in range(num_steps):
-        num_tokens = 0 if step == 5 else int(rng.integers(1, 300))
-        yield np.stack([
-            np.minimum(rng.zipf(1.2, (num_tokens, CONFIG.num_heads)) - 1, tables[lid].rows - 1)
-            for lid in CONFIG.layer_ids
-        ]).astype(np.int64)  # fmt: skip
+@pytest.fixture(scope="module")
+def runtime():
+    return get_runtime("cuda")
 
 
 SETTINGS = {
@@ -64,12 +46,11 @@ SETTINGS = {
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_gpu_tiers_match_the_device_tier_bitwise(tables, setting):
+def test_gpu_tiers_match_the_device_tier_bitwise(tables, runtime, setting):
     steps = list(zipf_steps(tables, 30))
-    device = torch.device("cuda")
     with (
-        build_prefetcher(CONFIG, tables, OffloadConfig(tier="device"), device) as baseline,
-        build_prefetcher(CONFIG, tables, SETTINGS[setting], device) as offloaded,
+        build_prefetcher(CONFIG, tables, OffloadConfig(tier="device"), runtime) as baseline,
+        build_prefetcher(CONFIG, tables, SETTINGS[setting], runtime) as offloaded,
     ):
         pending = [offloaded.prefetch(steps[0]), offloaded.prefetch(steps[1])]  # 2 in flight
         for i, rows in enumerate(steps):
@@ -94,15 +75,15 @@ def test_gpu_tiers_match_the_device_tier_bitwise(tables, setting):
           "gpu stall", stats.get("gpu_stall_s"))  # fmt: skip
 
 
-def test_registration_in_chunks_and_uva_view():
+def test_registration_in_chunks_and_uva_view(runtime):
     mem = pinned.HostMemory(256 << 20)
     host = mem.array(np.float32, (64 << 20,))
     host[:] = np.arange(host.size, dtype=np.float32)
-    reg = pinned.Registration(mem.ptr, mem.nbytes, chunk=64 << 20)
+    reg = pinned.Registration(mem.ptr, mem.nbytes, runtime, chunk=64 << 20)
     try:
         assert len(reg.chunks) == 4
-        view = pinned.cuda_view(host)
-        assert view.is_cuda
+        view = pinned.cuda_view(host, runtime)
+        assert view.is_cuda and view.data_ptr() == host.ctypes.data  # in place: no copy
         idx = torch.randint(0, host.size, (1 << 16,), device="cuda")
         assert torch.equal(view[idx].cpu(), torch.from_numpy(host)[idx.cpu()])
         torch.cuda.synchronize()
@@ -110,25 +91,40 @@ def test_registration_in_chunks_and_uva_view():
         reg.release()
 
 
-def test_cupy_host_alloc_if_available():
+def test_cupy_host_alloc_if_available(runtime):
     pytest.importorskip("cupy")
     mem = pinned.CupyHostMemory(1 << 20)
     try:
         host = mem.array(np.uint8, (1 << 20,))
         host[:] = np.arange(host.size) % 251
-        assert torch.equal(pinned.cuda_view(host).cpu(), torch.from_numpy(host))
+        assert torch.equal(pinned.cuda_view(host, runtime).cpu(), torch.from_numpy(host))
+        torch.cuda.synchronize()
     finally:
         mem.close()
 
 
-def test_shared_table_pins_read_only(tables):
+class NoReadOnlyRegistration(CudaRuntime):
+    """This GPU as a driver without read-only host registration (device attribute 113 = 0)."""
+
+    def device_attribute(self, attr: int) -> int:
+        return (
+            0 if attr == ATTR_HOST_REGISTER_READ_ONLY_SUPPORTED else super().device_attribute(attr)
+        )
+
+
+@pytest.mark.parametrize("read_only", ["supported", "unsupported"])
+def test_shared_table_pins_read_only_or_falls_back(tables, runtime, read_only):
+    """A /dev/shm table, mapped read-only, registered read-only; or, where the driver cannot,
+    re-mapped writable in place and registered read-write: the same rows either way."""
+    if read_only == "unsupported":
+        runtime = NoReadOnlyRegistration(runtime.device)
     name = f"gputest-{uuid.uuid4().hex[:10]}"
     try:
         off = OffloadConfig(tier="host", shm_name=name, host_gather="uva")
         steps = list(zipf_steps(tables, 5, seed=3))
         with (
-            build_prefetcher(CONFIG, tables, off, "cuda") as shared,
-            build_prefetcher(CONFIG, tables, OffloadConfig(), "cuda") as baseline,
+            build_prefetcher(CONFIG, tables, off, runtime) as shared,
+            build_prefetcher(CONFIG, tables, OffloadConfig(), runtime) as baseline,
         ):
             for rows in steps:
                 a, b = shared.prefetch(rows), baseline.prefetch(rows)
@@ -140,11 +136,11 @@ def test_shared_table_pins_read_only(tables):
 
 
 @pytest.mark.parametrize("gather", ["uva", "staged"])
-def test_h2d_bandwidth_of_the_gather(tables, gather):
+def test_h2d_bandwidth_of_the_gather(tables, runtime, gather):
     """Bandwidth of a step-sized random gather from pinned host memory into HBM."""
     table = tables[CONFIG.layer_ids[0]]
     io_pool = ThreadPoolExecutor(16)
-    store = host_store(table, torch.device("cuda"), io_pool, gather=gather)
+    store = host_store(table, runtime, io_pool, gather=gather)
     rng = np.random.default_rng(0)
     ids = np.unique(rng.integers(0, table.rows, 200_000))
     row_bytes = table.row_bytes + table.scale_row_bytes
@@ -154,13 +150,13 @@ def test_h2d_bandwidth_of_the_gather(tables, gather):
         def run():
             store.gather(ids_dev)
     else:
-        w, w_mem = pinned.host_empty((len(ids), table.width), np.uint8, True)
-        s, s_mem = pinned.host_empty((len(ids), table.scale_row_bytes), np.uint8, True)
+        w, w_mem = pinned.host_empty((len(ids), table.width), np.uint8, runtime)
+        s, s_mem = pinned.host_empty((len(ids), table.scale_row_bytes), np.uint8, runtime)
 
         def run():
             store.read(ids, w, s)
-            torch.from_numpy(w).cuda(non_blocking=True)
-            torch.from_numpy(s).cuda(non_blocking=True)
+            runtime.upload(w, non_blocking=True)
+            runtime.upload(s, non_blocking=True)
 
     run()
     torch.cuda.synchronize()
