@@ -1,6 +1,7 @@
 """The device runtime: every touch of the CUDA runtime goes through one of these, chosen once at
 start-up by `get_runtime(device)`.
 
+    runtime.empty(shape, dtype)        a device allocation
     runtime.upload(array)              host -> device (non_blocking: from pinned memory only)
     runtime.download(tensor)           device -> host, blocking: the step's one synchronisation
     runtime.exponential(rows, gens)    Exp(1) noise on the device, one generator per row
@@ -73,6 +74,10 @@ class CpuRuntime:
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor on the device (allocations made while building an engine)."""
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
 
     def upload(self, array: np.ndarray | torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         return as_host_tensor(array)

@@ -230,6 +230,9 @@ class FakeCudaRuntime:
 
     # -- copies ----------------------------------------------------------------------------
 
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return self._new_tensor(tuple(shape), dtype)
+
     def upload(self, array: np.ndarray | torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         source = _host_source(array)
         tensor = self._new_tensor(source.shape, source.dtype)
@@ -562,7 +565,8 @@ class AtenMethods(TorchFunctionMode):
     in torch) and a bool mask goes through `nonzero` (a data-dependent shape): under
     FakeTensorMode both raise, as does a tensor slice bound. Anything else (lists, Python
     bools): NotImplementedError naming the index. `copy_`, `contiguous` and `to` become `copy_`,
-    `clone` and `_to_copy`, so a hidden transfer reaches the stream tracker's counts."""
+    `clone` and `_to_copy`, so a hidden transfer reaches the stream tracker's counts; `~` is
+    `bitwise_not`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         rewrite = _REWRITES.get(func, func)
@@ -705,4 +709,5 @@ _REWRITES = {
     torch.Tensor.copy_: _copy,
     torch.Tensor.contiguous: _contiguous,
     torch.Tensor.to: _to,
+    torch.Tensor.__invert__: aten.bitwise_not.default,
 }

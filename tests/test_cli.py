@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from engram_serve.engine.request import SamplingParams
 from engram_serve.llm import LLM
 
@@ -47,3 +50,13 @@ def test_bad_flags_fail_with_a_message():
     run = _cli("tables", "verify", "/nonexistent-model-dir", "--quick")
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.startswith("engram-serve: error:") and "nonexistent-model-dir" in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])
+def test_device_cuda_without_a_gpu_is_one_line(command):
+    run = _cli(*command, "--device", "cuda")
+    assert run.returncode == 1 and run.stdout == ""
+    (line,) = run.stderr.splitlines()
+    assert line.startswith("engram-serve: error: --device cuda needs a CUDA GPU, but this torch")
+    assert line.endswith("sees none; use --device cpu")

@@ -360,7 +360,7 @@ def test_direct_disk_reads_equal_the_table_and_name_a_truncated_file(
 
 
 def make_cache(capacity: int, policy: str = "lru", ways: int = 32) -> RowCache:
-    return RowCache(capacity, 4, 0, torch.float32, "cpu", policy, ways)
+    return RowCache(capacity, 4, 0, torch.float32, None, policy, ways)
 
 
 def rows_of(ids) -> torch.Tensor:

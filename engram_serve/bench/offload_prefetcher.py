@@ -278,7 +278,7 @@ def policy_hit_rates(
     for capacity in capacities:
         for policy in ("lru", "lfu"):
             for hot in (0.0, 0.5):
-                cache = RowCache(capacity, 1, 0, torch.uint8, "cpu", policy)
+                cache = RowCache(capacity, 1, 0, torch.uint8, None, policy)
                 if hot:
                     ids = profile.hot_rows(layer_id, int(cache.capacity * hot))
                     cache.warm(ids, torch.zeros((len(ids), 1), dtype=torch.uint8), None, hot)

@@ -83,7 +83,7 @@ class Engine:
             config.kv_block_size,
             self.dtype,
             self._engram_conv_shapes(),
-            self.runtime.device,
+            self.runtime,
         )
         self.inputs = Uploader(self.runtime, np.int64)
         self.sampler = Sampler(self.runtime)

@@ -9,6 +9,7 @@ from collections import deque
 import torch
 
 from engram_serve.config import ModelConfig
+from engram_serve.device import CpuRuntime
 from engram_serve.model.batch import CacheTensors
 
 
@@ -23,17 +24,18 @@ def allocate_cache(
     block_size: int,
     dtype: torch.dtype,
     engram_conv_shapes: dict[int, tuple[int, ...]],
-    device: str = "cpu",
+    runtime: CpuRuntime,
 ) -> CacheTensors:
     shape = (num_blocks, block_size, model.num_key_value_heads, model.attn_head_dim)
     num_layers = model.num_hidden_layers
+
+    def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+        return runtime.empty(shape, dtype).zero_()
+
     return CacheTensors(
-        k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-        v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-        engram_conv={
-            layer: torch.zeros(conv_shape, dtype=dtype, device=device)
-            for layer, conv_shape in engram_conv_shapes.items()
-        },
+        k=[zeros(shape) for _ in range(num_layers)],
+        v=[zeros(shape) for _ in range(num_layers)],
+        engram_conv={layer: zeros(conv) for layer, conv in engram_conv_shapes.items()},
     )
 
 

@@ -38,11 +38,11 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
     bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
     start = 0
     for lin in linears:
-        rows = slice(start, start + lin.out_features)
-        lin.weight = nn.Parameter(weight[rows], requires_grad=False)
+        rows = lin.out_features
+        lin.weight = nn.Parameter(weight.narrow(0, start, rows), requires_grad=False)
         if has_bias:
-            lin.bias = nn.Parameter(bias[rows], requires_grad=False)
-        start = rows.stop
+            lin.bias = nn.Parameter(bias.narrow(0, start, rows), requires_grad=False)
+        start += rows
     return weight, bias
 
 

@@ -211,10 +211,13 @@ def _expected_shapes(model: LlamaForCausalLM) -> dict[str, torch.Size]:
 
 
 def _init_engram_modules(model: LlamaForCausalLM, dtype: torch.dtype) -> None:
-    """Replace the meta-device Engram modules by freshly initialised real ones."""
+    """Replace the meta-device Engram modules by freshly initialised real ones (on the CPU;
+    `place_on_device` moves them)."""
     for layer in model.model.layers:
         if layer.engram is not None:
-            layer.engram = build_engram(model.engram_config, model.config.hidden_size).to(dtype)
+            layer.engram = engram = build_engram(model.engram_config, model.config.hidden_size)
+            for name, param in list(engram.named_parameters()):  # not Module.to: it swaps
+                set_parameter(engram, name, param.detach().to(dtype))  # tensors in place
 
 
 def _check_names(

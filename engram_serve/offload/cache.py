@@ -37,6 +37,7 @@ import numba
 import numpy as np
 import torch
 
+from engram_serve.device import CpuRuntime
 from engram_serve.offload.tiers import as_numpy
 from engram_serve.offload.uploads import Uploader
 
@@ -178,12 +179,14 @@ class RowCache:
         width: int,
         scale_width: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        runtime: CpuRuntime | None = None,
         policy: CachePolicy = "lru",
         ways: int = DEFAULT_WAYS,
         uploader: Uploader | None = None,
     ) -> None:
-        """`uploader`: how slot indices reach a non-CPU device (pinned, non-blocking)."""
+        """`runtime`: the device the rows live on (None: the CPU); `uploader`: how slot indices
+        reach it, when not the CPU (pinned, non-blocking)."""
+        runtime = runtime or CpuRuntime()
         if capacity < 1:
             raise ValueError(f"a row cache needs capacity >= 1, got {capacity}")
         if policy not in ("lru", "lfu"):
@@ -198,9 +201,9 @@ class RowCache:
         self.score = np.full(shape, 0, np.int64)
         self.pins = np.full(shape, 0, np.int32)
         self.static = np.full(shape, False)
-        self.weight = torch.zeros((self.capacity, width), dtype=dtype, device=device)
+        self.weight = runtime.empty((self.capacity, width), dtype).zero_()
         self.scale = (
-            torch.zeros((self.capacity, scale_width), dtype=torch.uint8, device=device)
+            runtime.empty((self.capacity, scale_width), torch.uint8).zero_()
             if scale_width
             else None
         )

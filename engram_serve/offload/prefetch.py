@@ -867,7 +867,7 @@ def build_prefetcher(
                 table.width,
                 table.scale_row_bytes,
                 stored_torch_dtype(table.table_dtype),
-                runtime.device,
+                runtime,
                 offload.cache_policy,
                 uploader=indices,
             )

@@ -483,8 +483,7 @@ def _to_device(
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Copy a (possibly file-mapped, larger-than-one-buffer) array to the device in chunks."""
-    out = torch.empty(array.shape, dtype=_STORED_TORCH.get(table_dtype, torch.uint8),
-                      device=runtime.device)  # fmt: skip
+    out = runtime.empty(array.shape, _STORED_TORCH.get(table_dtype, torch.uint8))
     step = max(1, pinned.COPY_CHUNK_BYTES // max(1, array.nbytes // max(1, array.shape[0])))
     for start in range(0, array.shape[0], step):
         chunk = np.ascontiguousarray(array[start : start + step])
