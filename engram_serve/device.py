@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +49,34 @@ def as_host_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class DeviceRuntime(Protocol):
+    """What the engine, the model loader and the offload call. CudaRuntime adds host
+    registration (`device_attribute`, `register_host`, `unregister_host`, `host_view`,
+    `view_points_at_host`), which only offload/pinned.py calls, and only where `is_cuda`."""
+
+    device: torch.device
+    is_cuda: bool
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
+    def upload(
+        self, array: np.ndarray | torch.Tensor, non_blocking: bool = False
+    ) -> torch.Tensor: ...
+    def upload_into(
+        self, dst: torch.Tensor, array: np.ndarray | torch.Tensor, non_blocking: bool = False
+    ) -> None: ...
+    def download(self, tensor: torch.Tensor) -> np.ndarray: ...
+    def generator(self, seed: int) -> Any: ...
+    def exponential(self, num_cols: int, generators: Sequence[Any]) -> torch.Tensor: ...
+    def new_stream(self) -> Any: ...
+    def stream(self, stream: Any) -> contextlib.AbstractContextManager: ...
+    def current_stream(self) -> Any: ...
+    def new_event(self, timing: bool = False) -> Any: ...
+    def wait_event(self, stream: Any, event: Any) -> None: ...
+    def wait_stream(self, stream: Any, other: Any) -> None: ...
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None: ...
+    def synchronize(self) -> None: ...
 
 
 class _NullEvent:
@@ -219,7 +247,7 @@ def _check(err: Any, what: str) -> None:
         raise CudaError(what, code)
 
 
-def get_runtime(device: str | torch.device) -> CpuRuntime:
+def get_runtime(device: str | torch.device) -> DeviceRuntime:
     """The runtime of `device` ("cpu", "cuda", "cuda:1"); a clear error where CUDA is absent."""
     device = torch.device(device)
     if device.type == "cpu":

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from engram_serve.config import EngineConfig, OffloadConfig
-from engram_serve.device import CpuRuntime, get_runtime
+from engram_serve.device import CpuRuntime, DeviceRuntime, get_runtime
 from engram_serve.engine.compression import load_compression
 from engram_serve.engine.engine import Engine, EngramRuntime
 from engram_serve.engine.ngram_hash import NgramHasher
@@ -64,7 +64,7 @@ def build_engine(
     engine_config: EngineConfig = EngineConfig(),
     offload_config: OffloadConfig = OffloadConfig(),
     enable_engram: bool = True,
-    runtime: CpuRuntime | None = None,
+    runtime: DeviceRuntime | None = None,
 ) -> Engine:
     """Load a model directory (its backbone, tokenizer and Engram tables) into an Engine on
     `engine_config.device`. `runtime`: that device's runtime (device.py), made here if None."""
@@ -87,7 +87,7 @@ def build_engine(
 
 
 def load_engram_modules(
-    net: torch.nn.Module, path: Path, runtime: CpuRuntime | None = None
+    net: torch.nn.Module, path: Path, runtime: DeviceRuntime | None = None
 ) -> None:
     """The Engram modules' own weights (gate norms, projections), separate from the tables."""
     if not path.is_file():
@@ -103,7 +103,7 @@ def load_engram_modules(
 
 
 def _engram_runtime(
-    model_dir, engram_config, tokenizer, offload_config, runtime: CpuRuntime
+    model_dir, engram_config, tokenizer, offload_config, runtime: DeviceRuntime
 ) -> EngramRuntime:
     from engram_serve.offload.prefetch import build_prefetcher
 

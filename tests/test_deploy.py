@@ -142,8 +142,11 @@ def stage_pip_installs(stage: str) -> list[list[str]]:
 
 
 def makefile_pip_installs() -> list[list[str]]:
+    """The pip steps of `make test`'s venv (.venv: `$(PY)`; the GPU checks' venv is not the
+    image's)."""
     lines = (ROOT / "Makefile").read_text().splitlines()
-    commands = [line.split("pip install", 1)[1] for line in lines if "pip install" in line]
+    steps = [line for line in lines if line.strip().startswith("$(PY) -m pip install")]
+    commands = [line.split("pip install", 1)[1] for line in steps]
     return [shlex.split(c) for c in commands if "--upgrade pip" not in c]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engram_serve.config import EngineConfig, ModelConfig
-from engram_serve.device import CpuRuntime, get_runtime
+from engram_serve.device import DeviceRuntime, get_runtime
 from engram_serve.engine.kv_cache import BlockManager, allocate_cache, kv_bytes_per_block
 from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.engine.output import OutputTracker
@@ -64,7 +64,7 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig = EngineConfig(),
         engram: EngramRuntime | None = None,
-        runtime: CpuRuntime | None = None,
+        runtime: DeviceRuntime | None = None,
     ):
         """`runtime`: the device runtime the model, the prefetcher and this engine share
         (device.py); None: that of `config.device`."""

@@ -9,7 +9,7 @@ from collections import deque
 import torch
 
 from engram_serve.config import ModelConfig
-from engram_serve.device import CpuRuntime
+from engram_serve.device import DeviceRuntime
 from engram_serve.model.batch import CacheTensors
 
 
@@ -24,7 +24,7 @@ def allocate_cache(
     block_size: int,
     dtype: torch.dtype,
     engram_conv_shapes: dict[int, tuple[int, ...]],
-    runtime: CpuRuntime,
+    runtime: DeviceRuntime,
 ) -> CacheTensors:
     shape = (num_blocks, block_size, model.num_key_value_heads, model.attn_head_dim)
     num_layers = model.num_hidden_layers

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engram_serve.device import CpuRuntime
+from engram_serve.device import CpuRuntime, DeviceRuntime
 from engram_serve.engine.request import Logprob, Request
 from engram_serve.offload.uploads import Uploader
 
@@ -113,7 +113,7 @@ class Sampler:
     """Samples on one device; `sample(logits, requests)` -> token ids (and logprobs) on the
     host."""
 
-    def __init__(self, runtime: CpuRuntime) -> None:
+    def __init__(self, runtime: DeviceRuntime) -> None:
         self.runtime = runtime
         self.uploads = (Uploader(runtime, np.float32), Uploader(runtime, np.int64))
 
@@ -160,7 +160,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
 
 
 def sample_on_device(
-    logits: torch.Tensor, batch: SamplingBatch, runtime: CpuRuntime
+    logits: torch.Tensor, batch: SamplingBatch, runtime: DeviceRuntime
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> token ids [S] int64 and, if any request asked, logprob rows [S, 2 + 2k] float64
     (chosen, rank, top-k values, top-k ids), all on the device."""
@@ -198,7 +198,9 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits - freq[:, None] * counts - pres[:, None] * (counts > 0).float()
 
 
-def sample_random(logits: torch.Tensor, batch: SamplingBatch, runtime: CpuRuntime) -> torch.Tensor:
+def sample_random(
+    logits: torch.Tensor, batch: SamplingBatch, runtime: DeviceRuntime
+) -> torch.Tensor:
     """logits [R, V] -> token ids [R]: temperature, top-k, top-p, min-p, then an exponential race
     (argmax of p / Exp(1) noise is a draw from p) with each request's own generator."""
     logits = logits / batch.temperature[:, None]

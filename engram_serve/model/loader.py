@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engram_serve.config import EngramConfig, ModelConfig
-from engram_serve.device import CpuRuntime
+from engram_serve.device import CpuRuntime, DeviceRuntime
 from engram_serve.model.engram import build_engram
 from engram_serve.model.llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM
 
@@ -143,7 +143,7 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     engram_config: EngramConfig | None = None,
-    runtime: CpuRuntime | None = None,
+    runtime: DeviceRuntime | None = None,
 ) -> LlamaForCausalLM:
     """Build the model of a Hugging Face directory and load its safetensors weights onto
     `runtime`'s device (default: the CPU), tensor by tensor.
@@ -257,7 +257,7 @@ def _load_file(
     names: list[str],
     expected: dict[str, torch.Size],
     dtype: torch.dtype,
-    runtime: CpuRuntime,
+    runtime: DeviceRuntime,
 ) -> None:
     with _open(file) as f:
         stored = set(f.keys())
@@ -285,7 +285,7 @@ def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(module_name), leaf, nn.Parameter(value, requires_grad=False))
 
 
-def place_on_device(model: nn.Module, runtime: CpuRuntime) -> None:
+def place_on_device(model: nn.Module, runtime: DeviceRuntime) -> None:
     """Upload every real parameter and buffer not yet on the runtime's device (meta ones stay
     for the checks to name). Runs before projections are fused and weights tied, so no view
     is split from its base."""

@@ -37,7 +37,7 @@ import numba
 import numpy as np
 import torch
 
-from engram_serve.device import CpuRuntime
+from engram_serve.device import CpuRuntime, DeviceRuntime
 from engram_serve.offload.tiers import as_numpy
 from engram_serve.offload.uploads import Uploader
 
@@ -179,7 +179,7 @@ class RowCache:
         width: int,
         scale_width: int,
         dtype: torch.dtype,
-        runtime: CpuRuntime | None = None,
+        runtime: DeviceRuntime | None = None,
         policy: CachePolicy = "lru",
         ways: int = DEFAULT_WAYS,
         uploader: Uploader | None = None,

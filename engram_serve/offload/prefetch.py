@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engram_serve.config import EngramConfig, OffloadConfig
-from engram_serve.device import CpuRuntime, get_runtime
+from engram_serve.device import DeviceRuntime, get_runtime
 from engram_serve.kernels.cpu_gather import gather_rows_cpu
 from engram_serve.kernels.reference import FP8_E4M3_TABLE, UE8M0_TABLE, DecodeTables
 from engram_serve.offload import pinned
@@ -110,7 +110,7 @@ class Staging:
 class StagingPool:
     """One layer's staging buffers, allocated once and grown (never per step)."""
 
-    def __init__(self, width: int, scale_width: int, np_dtype: Any, runtime: CpuRuntime) -> None:
+    def __init__(self, width: int, scale_width: int, np_dtype: Any, runtime: DeviceRuntime) -> None:
         self.width, self.scale_width, self.np_dtype = width, scale_width, np_dtype
         self.runtime = runtime  # pinned memory on CUDA
         self.free: queue.Queue[Staging] = queue.Queue()
@@ -164,7 +164,7 @@ class LayerFetcher:
         table: EngramTable,
         store: DeviceStore | StagedStore,
         cache: RowCache | None,
-        runtime: CpuRuntime,
+        runtime: DeviceRuntime,
         indices: Uploader,
         stream: Any = None,
     ) -> None:
@@ -583,7 +583,7 @@ class Prefetcher:
         engram: EngramConfig,
         fetchers: dict[int, LayerFetcher],
         offload: OffloadConfig,
-        runtime: CpuRuntime,
+        runtime: DeviceRuntime,
         io_pool: ThreadPoolExecutor,
     ) -> None:
         self.engram, self.fetchers, self.offload = engram, fetchers, offload
@@ -801,7 +801,7 @@ def _check_tables(engram: EngramConfig, tables: dict[int, EngramTable]) -> None:
 def _store(
     table: EngramTable,
     offload: OffloadConfig,
-    runtime: CpuRuntime,
+    runtime: DeviceRuntime,
     io_pool: ThreadPoolExecutor,
     progress: Callable[[int], None] | None,
 ) -> DeviceStore | StagedStore:
@@ -838,7 +838,7 @@ def build_prefetcher(
     engram: EngramConfig,
     tables: dict[int, EngramTable],
     offload: OffloadConfig,
-    device: CpuRuntime | torch.device | str = "cpu",
+    device: DeviceRuntime | torch.device | str = "cpu",
     progress: bool = False,
 ) -> Prefetcher:
     """Place each Engram layer's table in `offload.tier`, build its cache, and return the

@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from engram_serve.device import CpuRuntime
+from engram_serve.device import DeviceRuntime
 from engram_serve.kernels.reference import DecodeTables, as_bytes, dequantize_rows
 from engram_serve.offload import aio, pinned, pread
 
@@ -479,7 +479,7 @@ def _host_arrays(
 def _to_device(
     array: np.ndarray,
     table_dtype: str,
-    runtime: CpuRuntime,
+    runtime: DeviceRuntime,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Copy a (possibly file-mapped, larger-than-one-buffer) array to the device in chunks."""
@@ -497,7 +497,7 @@ def _to_device(
 
 
 def device_store(
-    table: EngramTable, runtime: CpuRuntime, progress: Callable[[int], None] | None = None
+    table: EngramTable, runtime: DeviceRuntime, progress: Callable[[int], None] | None = None
 ) -> DeviceStore:
     """The baseline: the whole table in the device's own memory."""
     if not runtime.is_cuda:
@@ -514,7 +514,7 @@ def device_store(
 
 def host_store(
     table: EngramTable,
-    runtime: CpuRuntime,
+    runtime: DeviceRuntime,
     io_pool: ThreadPoolExecutor,
     shm_name: str | None = None,
     gather: str = "auto",
@@ -565,7 +565,7 @@ def _pinned_copy(
 
 
 def _uva_is_faster(
-    uva: DeviceStore, staged: HostGatherStore, table: EngramTable, runtime: CpuRuntime,
+    uva: DeviceStore, staged: HostGatherStore, table: EngramTable, runtime: DeviceRuntime,
     num_rows: int = 65536, repeats: int = 3,
 ) -> bool:  # fmt: skip
     """Time a step-sized random gather both ways (the choice is made once, at start-up)."""

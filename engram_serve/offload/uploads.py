@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engram_serve.device import CpuRuntime
+from engram_serve.device import DeviceRuntime
 from engram_serve.offload import pinned
 
 MIN_CAPACITY = 1 << 16  # elements per half: a step of 2,048 tokens and 64 sequences fits
 
 
 class _Arena:
-    def __init__(self, capacity: int, dtype: Any, runtime: CpuRuntime) -> None:
+    def __init__(self, capacity: int, dtype: Any, runtime: DeviceRuntime) -> None:
         self.array, self.memory = pinned.host_empty((2, capacity), dtype, runtime)
         self.copied: list[Any] = [None, None]  # per half: the event after its last copy
 
@@ -37,7 +37,7 @@ class _Arena:
 class Uploader:
     """`upload(arrays)` -> device tensors shaped like `arrays`, all of one dtype."""
 
-    def __init__(self, runtime: CpuRuntime, dtype: Any) -> None:
+    def __init__(self, runtime: DeviceRuntime, dtype: Any) -> None:
         self.runtime, self.dtype = runtime, np.dtype(dtype)
         self._arena: _Arena | None = None
         self._retired: list[_Arena] = []  # outgrown; freed at close, when no copy is in flight
