@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import httpx
 import pytest
-from test_server_support import free_port, wait_for
+from test_server_support import (
+    engram_columns,
+    free_port,
+    sse_data,
+    table_file_bytes,
+    wait_for,
+)
 
 from engram_serve.config import EngineConfig, ServerConfig
 from engram_serve.llm import build_engine
@@ -77,27 +84,65 @@ def _query(url: str, promql: str) -> float | None:
     return float(results[0]["value"][1]) if results else None
 
 
-def test_prometheus_scrapes_latency_and_engram_metrics(server, prometheus):
+def _query_all(url: str, names: dict[str, str]) -> dict[str, float | None]:
+    return {key: _query(url, promql) for key, promql in names.items()}
+
+
+def test_prometheus_scrapes_latency_and_engram_metrics(server, prometheus, default_model_dir):
+    """What Prometheus stored, before and after two requests (one streamed), against what the
+    responses report: exact deltas, read from a scrape that began after both had returned."""
+    queries = {
+        "success": 'sum(engram_serve_request_success_total{finished_reason="length"})',
+        "other_finishes": 'sum(engram_serve_request_success_total{finished_reason!="length"})',
+        "ttft": "sum(engram_serve_time_to_first_token_seconds_count)",
+        "e2e": "sum(engram_serve_e2e_request_latency_seconds_count)",
+        "prompt": "sum(engram_serve_prompt_tokens_total)",
+        "generation": "sum(engram_serve_generation_tokens_total)",
+        "lookups": "sum(engram_serve_engram_lookups_total)",
+        "stalls": "sum(engram_serve_engram_prefetch_stall_seconds_count)",
+    }
     wait_for(lambda: _query(prometheus, 'up{job="engram-serve"}') == 1, timeout_s=30)
+
+    def scraped() -> dict[str, float] | None:
+        """The engine's series exist at 0 from the start; the Engram counters only once a
+        step has looked rows up (absent: 0)."""
+        values = _query_all(prometheus, queries)
+        if any(values[key] is None for key in queries if key not in ("lookups", "stalls")):
+            return None
+        return {key: value or 0.0 for key, value in values.items()}
+
+    before = wait_for(scraped, timeout_s=30, interval_s=0.5)
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
             "ignore_eos": True}  # fmt: skip
-    for stream in (False, True):
-        reply = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": stream})
-        assert reply.status_code == 200
+    plain = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert plain.status_code == 200
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                      ) as streamed:  # fmt: skip
+        assert streamed.status_code == 200
+        events = sse_data(list(streamed.iter_lines()))
+    done = time.time()
+    usages = [plain.json()["usage"], events[-2]["usage"]]
+    assert [u["completion_tokens"] for u in usages] == [6, 6]
 
-    def ttft_count() -> float | None:
-        value = _query(prometheus, "sum(engram_serve_time_to_first_token_seconds_count)")
-        return value if value and value > 0 else None
+    def scraped_after_both() -> bool:  # the scrape's own start time, in Prometheus' clock
+        return (_query(prometheus, 'timestamp(up{job="engram-serve"})') or 0) > done
 
-    assert wait_for(ttft_count, timeout_s=30, interval_s=0.5) > 0
-    # A scrape may have caught the second request running; wait for one taken after it.
-    success = 'engram_serve_request_success_total{finished_reason="length"}'
-    wait_for(lambda: _query(prometheus, success) == 2, timeout_s=10, interval_s=0.5)
-    assert _query(prometheus, "sum(engram_serve_time_to_first_token_seconds_count)") == 2
-    assert _query(prometheus, "sum(engram_serve_generation_tokens_total)") == 12
-    assert _query(prometheus, "sum(engram_serve_engram_lookups_total)") > 0
-    assert _query(prometheus, "sum(engram_serve_engram_table_bytes)") > 0
-    assert _query(prometheus, "sum(engram_serve_engram_prefetch_stall_seconds_count)") > 0
+    wait_for(scraped_after_both, timeout_s=30, interval_s=0.5)
+    after = wait_for(scraped)
+    delta = {key: after[key] - before[key] for key in queries}
+    prompt = sum(u["prompt_tokens"] for u in usages)
+    generated = sum(u["completion_tokens"] for u in usages)
+    assert delta["success"] == 2 and delta["other_finishes"] == 0
+    assert delta["ttft"] == delta["e2e"] == 2
+    assert delta["prompt"] == prompt and delta["generation"] == generated
+    # Each computed token (the prompt, each output token but the last) once per hash column and
+    # Engram layer; one prefetch-stall observation per engine step, one step per output token.
+    assert delta["lookups"] == (prompt + generated - 2) * engram_columns(default_model_dir)
+    assert delta["stalls"] == generated
+    assert _query(prometheus, "sum(engram_serve_engram_table_bytes)") == table_file_bytes(
+        default_model_dir
+    )
     assert _query(prometheus, 'engram_serve_num_requests_running{model_name="smol-prom"}') == 0
 
 

@@ -136,34 +136,96 @@ def test_handler_rejects_a_file_that_does_not_match(path, tmp_path, smollm2_hf_t
         handler_for(tampered)(tampered, smollm2_hf_tokenizer)
 
 
-def test_unseen_fixture_of_the_same_form_passes(tmp_path, smollm2_hf_tokenizer):
-    """A hash fixture the suite has never seen, made by the plain NumPy transcription of the
-    reference algorithm (engram_serve/bench/hashing.py) for a new configuration."""
-    from engram_serve.bench.hashing import reference_hash
+# -- an unseen fixture, made without the engine --------------------------------------------------
 
+
+class ReferenceHashMapping:
+    """A transcription of the reference demo's `NgramHashMapping` (engram_demo_v1.py) that shares
+    no code with the engine: multipliers from `default_rng(seed + 10007 * layer)` below
+    (int64_max // V') // 2, times 2 plus 1; per head the next prime (sympy) after the previous
+    one, starting at the order's vocab size, distinct over the whole model; hashes as Python
+    integers, one XOR of products per order and one `%` per head."""
+
+    def __init__(self, config: dict, lookup: np.ndarray):
+        from sympy import isprime
+
+        self.config, self.lookup = config, lookup
+        self.pad = int(lookup[config["pad_id"]])
+        half_bound = max(1, (np.iinfo(np.int64).max // (int(lookup.max()) + 1)) // 2)
+        self.multipliers = np.stack([
+            np.random.default_rng(config["seed"] + 10007 * layer).integers(
+                0, half_bound, size=(config["max_ngram_size"],), dtype=np.int64) * 2 + 1
+            for layer in config["layer_ids"]
+        ])  # fmt: skip
+        seen, self.primes = set(), []
+        for _ in config["layer_ids"]:
+            layer_primes = []
+            for vocab_size in config["engram_vocab_size"]:
+                candidate = vocab_size - 1
+                for _ in range(config["n_head_per_ngram"]):
+                    candidate += 1
+                    while not isprime(candidate) or candidate in seen:
+                        candidate += 1
+                    seen.add(candidate)
+                    layer_primes.append(candidate)
+            self.primes.append(layer_primes)
+        self.primes = np.array(self.primes, dtype=np.int64)
+
+    def hashes(self, raw_ids: np.ndarray) -> np.ndarray:
+        """`[layers, B, T, (N-1)*H]` for whole sequences of raw ids `[B, T]`."""
+        n_max = self.config["max_ngram_size"]
+        out = np.zeros((len(self.multipliers), *raw_ids.shape, self.primes.shape[1]), np.int64)
+        for layer, (multipliers, primes) in enumerate(zip(self.multipliers, self.primes)):
+            for b, row in enumerate(raw_ids):
+                ids = [int(self.lookup[t]) for t in row]
+                for t in range(len(ids)):
+                    back = [ids[t - k] if t - k >= 0 else self.pad for k in range(n_max)]
+                    column = 0
+                    for n in range(2, n_max + 1):
+                        mix = 0
+                        for k in range(n):
+                            mix ^= back[k] * int(multipliers[k])
+                        for _ in range(self.config["n_head_per_ngram"]):
+                            out[layer, b, t, column] = mix % int(primes[column])
+                            column += 1
+        return out
+
+
+HASH_FIXTURES = [path for path in FIXTURE_FILES if path.name.startswith("hash_")]
+
+
+@pytest.mark.parametrize("path", HASH_FIXTURES, ids=lambda p: p.name)
+def test_the_reference_transcription_reproduces_the_golden_hash_fixtures(path):
+    """The transcription below is itself checked against the reference's own output."""
+    data = np.load(path, allow_pickle=False)
+    mapping = ReferenceHashMapping(json.loads(str(data["config"])), smollm2_lookup(FIXTURES_DIR))
+    np.testing.assert_array_equal(mapping.multipliers, data["multipliers"])
+    np.testing.assert_array_equal(mapping.primes, data["primes"])
+    np.testing.assert_array_equal(mapping.hashes(data["input_ids"]), data["hashes"])
+
+
+def test_unseen_fixture_of_the_same_form_passes(tmp_path, smollm2_hf_tokenizer):
+    """A hash fixture of a configuration the suite has never seen (four layers, odd seed and
+    pad, orders up to 4), made by the transcription: multipliers, primes and hashes, none of
+    them from the engine's hasher."""
     config_raw = {
         "engram_vocab_size": [733, 1499, 2027],
         "max_ngram_size": 4,
         "n_head_per_ngram": 3,
-        "layer_ids": [0, 7],
+        "layer_ids": [0, 7, 2, 11],
         "seed": 11,
         "pad_id": 5,
     }
-    config = EngramConfig.from_dict(config_raw)
-    lookup = smollm2_lookup(FIXTURES_DIR)
-    hasher = NgramHasher(config, lookup)
-    input_ids = np.random.default_rng(3).integers(0, len(lookup), size=(3, 29))
-    hashes = reference_hash(
-        lookup[input_ids], hasher.multipliers, hasher.primes, config, hasher.pad_id
-    )
+    mapping = ReferenceHashMapping(config_raw, smollm2_lookup(FIXTURES_DIR))
+    input_ids = np.random.default_rng(3).integers(0, len(mapping.lookup), size=(3, 29))
     path = tmp_path / "hash_new.npz"
     np.savez(
         path,
         config=np.array(json.dumps(config_raw)),
         input_ids=input_ids,
-        multipliers=hasher.multipliers,
-        primes=hasher.primes,
-        hashes=hashes,
+        multipliers=mapping.multipliers,
+        primes=mapping.primes,
+        hashes=mapping.hashes(input_ids),
     )
     handler_for(path)(path, smollm2_hf_tokenizer)
     shutil.copy(FIXTURES_DIR / "compress_smollm2.npz", tmp_path / "compress_copy.npz")

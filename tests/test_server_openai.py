@@ -3,18 +3,28 @@ HTTP where the wire format itself is checked). One live server for the module.""
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 
 import httpx
 import openai
 import pytest
-from test_server_support import metric, sse_data, wait_for
+from openai.types.chat import ChatCompletionChunk
+from test_server_support import (
+    Scrape,
+    engram_columns,
+    metric,
+    post_then_leave,
+    sse_data,
+    table_file_bytes,
+    wait_for,
+)
 
 import engram_serve
 from engram_serve.config import EngineConfig, ServerConfig
 from engram_serve.llm import build_engine
 from engram_serve.server.api import BackgroundServer, build_app
+from engram_serve.server.metrics import FINISH_REASONS
 
 API_KEY = "test-key"
 MODEL = "smol-test"
@@ -236,9 +246,10 @@ def test_openai_errors(server, client):
 
     url = f"{server.url}/v1/completions"
     assert _error(httpx.post(url, json={"prompt": PROMPT}), 401)
-    assert _error(_post(server, "/v1/completions", {"prompt": PROMPT, "model": "x"}), 404)[
-        "param"
-    ] == "model"
+    assert (
+        _error(_post(server, "/v1/completions", {"prompt": PROMPT, "model": "x"}), 404)["param"]
+        == "model"
+    )
     error = _error(_post(server, "/v1/completions", {"prompt": PROMPT, "temperature": 5}), 400)
     assert "temperature" in error["message"]
     error = _error(_post(server, "/v1/completions", {"prompt": PROMPT, "n": "many"}), 400)
@@ -291,41 +302,80 @@ def test_closing_a_stream_aborts_the_request_and_frees_its_blocks(server, client
         pass
     assert metric(server.url, "engram_serve_num_requests_running") == 1
     assert metric(server.url, "engram_serve_kv_cache_usage_perc") > 0
-    stream.close()  # 1000 tokens would take ~a minute; the abort must come at once
-    wait_for(lambda: _idle(server.url), timeout_s=5)
+    stream.close()  # 1000 tokens would take ~a minute; the abort counter shows it was cut
+    wait_for(lambda: _idle(server.url), timeout_s=30)
     wait_for(
-        lambda: metric(server.url, "engram_serve_request_success_total", finished_reason="abort")
-        == aborted + 1
+        lambda: (
+            metric(server.url, "engram_serve_request_success_total", finished_reason="abort")
+            == aborted + 1
+        )
     )
 
 
 def test_a_client_leaving_a_non_streaming_request_aborts_it(server):
+    wait_for(lambda: _idle(server.url))
     aborted = metric(server.url, "engram_serve_request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        _post(server, "/v1/completions", body, timeout=1.5)
-    wait_for(lambda: _idle(server.url), timeout_s=5)
+
+    def running() -> bool:
+        return metric(server.url, "engram_serve_num_requests_running") == 1
+
+    post_then_leave(server.url, "/v1/completions", body, running, headers=AUTH)
+    wait_for(lambda: _idle(server.url), timeout_s=30)  # aborted: 1000 tokens take ~a minute
     assert (
         metric(server.url, "engram_serve_request_success_total", finished_reason="abort")
         == aborted + 1
     )
 
 
-def test_metrics_after_traffic(server, client):
-    _greedy(client, max_tokens=4)
-    assert metric(server.url, "engram_serve_time_to_first_token_seconds_count") > 0
-    assert metric(server.url, "engram_serve_inter_token_latency_seconds_count") > 0
-    assert metric(server.url, "engram_serve_e2e_request_latency_seconds_count") > 0
-    assert metric(server.url, "engram_serve_request_queue_time_seconds_count") > 0
-    assert metric(server.url, "engram_serve_request_success_total", finished_reason="length") > 0
-    assert metric(server.url, "engram_serve_prompt_tokens_total") > 0
-    assert metric(server.url, "engram_serve_generation_tokens_total") > 0
-    assert metric(server.url, "engram_serve_engram_lookups_total") > 0
-    assert metric(server.url, "engram_serve_engram_rows_read_total") > 0
-    assert metric(server.url, "engram_serve_engram_table_bytes") > 0
-    assert metric(server.url, "engram_serve_engram_prefetch_stall_seconds_count") > 0
-    generated = metric(server.url, "engram_serve_request_generation_tokens_sum")
-    assert generated == metric(server.url, "engram_serve_generation_tokens_total")
+def test_metrics_count_each_request_as_its_response_reports(server, client, default_model_dir):
+    """Deltas of /metrics over two requests on an idle server, against what the responses say:
+    tokens from `usage`, finished requests by their `finish_reason`, one latency observation
+    per request (per further token for the inter-token latency), each inside the client's own
+    clock, and Engram lookups of every computed token."""
+    wait_for(lambda: _idle(server.url))
+    first = _greedy(client, max_tokens=5, extra_body={"ignore_eos": True})
+    stop = first.choices[0].text[-2:]  # greedy again: the same text, cut where `stop` occurs
+    before, started = Scrape(server.url), time.monotonic()
+    replies = [_greedy(client, max_tokens=5, extra_body={"ignore_eos": True}),
+               _greedy(client, max_tokens=5, stop=[stop])]  # fmt: skip
+    elapsed = time.monotonic() - started
+    after = Scrape(server.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return after.delta(before, f"engram_serve_{name}", **labels)
+
+    reasons = [r.choices[0].finish_reason for r in replies]
+    assert reasons == ["length", "stop"]
+    prompt = sum(r.usage.prompt_tokens for r in replies)
+    generated = [r.usage.completion_tokens for r in replies]
+    assert generated[0] == 5 and 1 <= generated[1] <= 5
+    assert delta("num_preemptions_total") == 0  # so each prompt token was computed once
+    assert delta("prompt_tokens_total") == prompt
+    assert delta("generation_tokens_total") == sum(generated)
+    for reason in FINISH_REASONS:
+        assert delta("request_success_total", finished_reason=reason) == reasons.count(reason)
+    assert delta("request_prompt_tokens_sum") == prompt
+    assert delta("request_generation_tokens_sum") == sum(generated)
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "request_prompt_tokens",
+                 "request_generation_tokens"):  # fmt: skip
+        assert delta(f"{name}_count") == 2, name
+    assert delta("inter_token_latency_seconds_count") == sum(generated) - 2
+    # Latencies: queue <= first token <= end of request, all within the client's wall time.
+    queue, ttft = delta("request_queue_time_seconds_sum"), delta("time_to_first_token_seconds_sum")
+    e2e = delta("e2e_request_latency_seconds_sum")
+    assert 0 <= queue <= ttft + 1e-9 and ttft <= e2e + 1e-9 and e2e <= elapsed
+    # Engram: every computed token (the prompt, then each sampled token but the last) is looked
+    # up once per hash column and layer; the device tier reads every looked-up row. One engine
+    # step per output token (a prompt is one prefill chunk), one stall observation per step.
+    computed = prompt + sum(generated) - len(replies)
+    lookups = computed * engram_columns(default_model_dir)
+    assert delta("engram_lookups_total") == lookups
+    assert delta("engram_rows_read_total") == lookups
+    assert delta("engram_prefetch_stall_seconds_count") == sum(generated)
+    assert after.value("engram_serve_engram_table_bytes") == table_file_bytes(default_model_dir)
+    assert after.value("engram_serve_num_requests_running") == 0
 
 
 def test_sse_json_is_valid_per_frame(server):
@@ -337,4 +387,8 @@ def test_sse_json_is_valid_per_frame(server):
     assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
     roles = [c for c in chunks if c["choices"][0]["delta"].get("role")]
     assert [c["choices"][0]["index"] for c in roles] == [0, 1]
-    assert all(json.dumps(c) for c in chunks)
+    # Each frame is a chunk as the OpenAI SDK's own types define it (not just some JSON).
+    parsed = [ChatCompletionChunk.model_validate(c) for c in chunks]
+    assert {c.id for c in parsed} == {parsed[0].id} and parsed[0].model == MODEL
+    finished = [c.choices[0] for c in parsed if c.choices[0].finish_reason is not None]
+    assert sorted(c.index for c in finished) == [0, 1]

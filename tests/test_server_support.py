@@ -36,6 +36,48 @@ def metric(url: str, sample: str, **labels: str) -> float:
     return total
 
 
+class Scrape:
+    """One read of /metrics; `delta(earlier, name, **labels)` is what a sample gained since an
+    earlier read (samples summed over the labels not given, as `metric` does)."""
+
+    def __init__(self, url: str):
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        self.samples = [
+            (s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        ]
+
+    def value(self, sample: str, **labels: str) -> float:
+        return sum(
+            value
+            for name, have, value in self.samples
+            if name == sample and all(have.get(k) == v for k, v in labels.items())
+        )
+
+    def delta(self, earlier: Scrape, sample: str, **labels: str) -> float:
+        return self.value(sample, **labels) - earlier.value(sample, **labels)
+
+
+def engram_columns(model_dir) -> int:
+    """Row lookups per token: hash columns ((N-1) orders x H heads) x Engram layers, read from
+    the model's engram.json."""
+    engram = json.loads((model_dir / "engram.json").read_text())
+    per_layer = (engram["max_ngram_size"] - 1) * engram["n_head_per_ngram"]
+    return per_layer * len(engram["layer_ids"])
+
+
+def table_file_bytes(model_dir) -> int:
+    """Bytes of every tensor in the Engram table files, from their safetensors headers."""
+    total = 0
+    for path in sorted((model_dir / "engram_tables").glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(t["data_offsets"][1] - t["data_offsets"][0]
+                     for name, t in header.items() if name != "__metadata__")  # fmt: skip
+    return total
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05):
     """Poll until `predicate()` is truthy; return its value, or raise after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -46,6 +88,32 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
+
+
+def post_then_leave(
+    url: str, path: str, body: dict, until: Callable[[], Any], headers: dict | None = None
+) -> None:
+    """A client that leaves a non-streaming request: send `body` on a raw socket, wait until
+    `until()` holds (the server's own state says the request is in the engine), check that no
+    byte of a response came, then close the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+        wait_for(until, timeout_s=60)
+        sock.setblocking(False)
+        try:
+            answered = sock.recv(1)
+        except BlockingIOError:
+            answered = b""
+        assert answered == b"", "the server answered before the client left"
 
 
 def sse_data(lines: list[str]) -> list[Any]:
