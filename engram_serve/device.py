@@ -119,7 +119,10 @@ class CpuRuntime:
         return tensor.numpy()
 
     def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed)
+        """torch's CPU generator (MT19937) keeps only a seed's low 32 bits: the seed is mixed
+        down to 32 bits first (splitmix64's finaliser), so seeds that differ only above bit 31
+        (the API's are 64-bit) draw differently too."""
+        return torch.Generator().manual_seed(_mix_to_32_bits(seed))
 
     def exponential(self, num_cols: int, generators: Sequence[Any]) -> torch.Tensor:
         """[len(generators), num_cols] Exp(1) draws, row i from generators[i]."""
@@ -239,6 +242,14 @@ class _CudaArray:
             "shape": shape, "typestr": typestr, "data": (ptr, False), "version": 3,
             "strides": None,
         }  # fmt: skip
+
+
+def _mix_to_32_bits(seed: int) -> int:
+    mask = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
 
 
 def _check(err: Any, what: str) -> None:

@@ -1,13 +1,18 @@
 """Sampling on tensors: penalties, min_tokens masking and truncation, checked element by element
-against their definitions."""
+against their definitions; the distributions `sample` draws from (temperature, top-k, top-p, min-p,
+penalties), checked by their frequencies against targets computed here from the definitions; and
+seeded generators (the same seed, alone or in any batch, gives the same tokens)."""
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
+from engram_serve.device import CpuRuntime
 from engram_serve.engine.request import Request, SamplingParams
 from engram_serve.engine.sampler import (
     SamplingBatch,
@@ -63,16 +68,6 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert kept(top_k=3, top_p=0.5).tolist() == [True, False, False, False, False]
 
 
-def test_sampling_follows_the_distribution():
-    probs = torch.tensor([0.6, 0.3, 0.1])
-    r = _request([1], [], temperature=1.0, seed=1)
-    counts = torch.zeros(3)
-    for _ in range(3000):
-        counts[sample(probs.log()[None], [r]).token_ids[0]] += 1
-    freq = counts / counts.sum()
-    assert torch.allclose(freq, probs, atol=0.03), freq
-
-
 def test_logprobs_are_log_softmax_of_the_raw_logits():
     logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
     r = _request([1], [], temperature=0.0, logprobs=2)
@@ -104,3 +99,257 @@ def test_extreme_penalties_and_banned_tokens_give_finite_logprobs():
     values = [lp.logprob for lp in out.logprobs[0].values()]
     assert all(math.isfinite(v) and v <= 0 for v in values), values
     assert out.token_ids[0] != 0  # EOS (id 0) is banned below min_tokens
+
+
+# -- distributions ----------------------------------------------------------------------------
+#
+# Each case is sampled DRAWS times in one `sample` call on a batch of DRAWS identical requests,
+# each with its own generator seeded as the engine seeds one (CpuRuntime.generator), all seeds
+# distinct, so the draws are independent. All cases share that one batch, their rows interleaved
+# with each other and with greedy rows, so each row must get its own parameters.
+#
+# The bound: token i's frequency f_i is compared with its target probability p_i (computed by
+# `_target` below from the definitions, element by element). By Hoeffding's inequality,
+# P(|f_i - p_i| >= t) <= 2 exp(-2 DRAWS t^2) = CELL_ALPHA for t = TOLERANCE (~0.023 at 20,000
+# draws). The module checks 11 cases x 8 tokens = 88 cells, so by Bonferroni a correct sampler
+# fails by chance with probability < 88 * CELL_ALPHA < 1e-7 (over the choice of seeds; with the
+# seeds fixed here the test is deterministic: it cannot flake).
+#
+# The power: each case lists the mutants it is meant to kill (a sampler that ignores the
+# temperature, min_p, top_k, top_p or a penalty, or swaps presence and frequency) as the parameters
+# that sampler would in effect use, and asserts that the mutant's distribution q differs from p by
+# d >= 3 t in some token i. Such a mutant passes only if |f_i - q_i| >= d - t >= 2 t, which happens
+# with probability <= 2 exp(-2 DRAWS (2 t)^2) = 2 (CELL_ALPHA / 2)^4 < 1e-36.
+
+DRAWS = 20_000
+CELL_ALPHA = 1e-9
+TOLERANCE = math.sqrt(math.log(2 / CELL_ALPHA) / (2 * DRAWS))
+LOGITS = (2.0, 1.6, 1.1, 0.7, 0.2, -0.4, -1.0, -2.5)
+GREEDY_EVERY = 97  # a greedy row after every 97th draw of each case
+
+
+@dataclass(frozen=True)
+class Case:
+    """Sampling parameters, the mutants they must tell apart (the parameters a broken sampler would
+    in effect use), and the request's prompt and output tokens (for penalties)."""
+
+    params: dict
+    mutants: dict
+    prompt: tuple[int, ...] = ()
+    output: tuple[int, ...] = ()
+    logits: tuple[float, ...] = field(default=LOGITS)
+
+
+IGNORES_TEMPERATURE = {"temperature ignored (always 1.0)": dict(temperature=1.0)}
+CASES = {
+    "temperature 0.5": Case(dict(temperature=0.5), IGNORES_TEMPERATURE),
+    "temperature 1.5": Case(dict(temperature=1.5), IGNORES_TEMPERATURE),
+    "min_p 0.3 at temperature 0.8": Case(
+        dict(temperature=0.8, min_p=0.3), {"min_p ignored": dict(min_p=0.0)}
+    ),
+    "top_k 3 at temperature 1.5": Case(
+        dict(temperature=1.5, top_k=3), {"top_k ignored": dict(top_k=0)}
+    ),
+    # The token that crosses p stays: 0.43 + 0.29 >= 0.6 keeps tokens 0 and 1.
+    "top_p 0.6": Case(dict(top_p=0.6), {"top_p ignored": dict(top_p=1.0)}),
+    # Both bind: top-p runs on the top-k renormalised distribution.
+    "top_k 4 then top_p 0.75 at temperature 1.5": Case(
+        dict(temperature=1.5, top_k=4, top_p=0.75),
+        {"top_k ignored": dict(top_k=0), "top_p ignored": dict(top_p=1.0)},
+    ),
+    "top_k 6, top_p 0.9, min_p 0.5 at temperature 1.5": Case(
+        dict(temperature=1.5, top_k=6, top_p=0.9, min_p=0.5), {"min_p ignored": dict(min_p=0.0)}
+    ),
+    # Token 0 (positive logit) and token 6 (negative) are in the prompt, 1 and 2 in the output.
+    "repetition 1.5 at temperature 0.7": Case(
+        dict(temperature=0.7, repetition_penalty=1.5),
+        {"repetition ignored": dict(repetition_penalty=1.0)},
+        prompt=(0, 6), output=(1, 1, 1, 2),
+    ),
+    "presence 0.8": Case(
+        dict(presence_penalty=0.8),
+        {"presence ignored": dict(presence_penalty=0.0),
+         "presence applied as frequency": dict(presence_penalty=0.0, frequency_penalty=0.8)},
+        prompt=(0, 6), output=(1, 1, 1, 2),
+    ),
+    "frequency 0.5": Case(
+        dict(frequency_penalty=0.5),
+        {"frequency ignored": dict(frequency_penalty=0.0),
+         "frequency applied as presence": dict(presence_penalty=0.5, frequency_penalty=0.0)},
+        prompt=(0, 6), output=(1, 1, 1, 2),
+    ),
+    "all penalties at temperature 0.7": Case(
+        dict(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5,
+             frequency_penalty=0.2),
+        {"repetition ignored": dict(repetition_penalty=1.0),
+         "presence ignored": dict(presence_penalty=0.0),
+         "frequency ignored": dict(frequency_penalty=0.0)},
+        prompt=(5, 6), output=(0, 0, 0, 2),
+    ),
+}  # fmt: skip
+
+
+def _target(case: Case, **overrides) -> list[float]:
+    """The distribution to sample from, by the definitions, one element at a time: penalties
+    (repetition on every token seen, prompt or output: logit / r if positive, else logit * r;
+    then - frequency * count - presence * [count > 0] over output tokens), softmax(logits / T),
+    keep the k most likely, then the smallest most-likely-first prefix whose mass reaches top_p
+    (the token that crosses it stays), then the tokens whose probability is at least
+    min_p * the largest; renormalised after each step."""
+    p = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+         "frequency_penalty": 0.0, "presence_penalty": 0.0, **case.params, **overrides}  # fmt: skip
+    counts = Counter(case.output)
+    values = []
+    for token, value in enumerate(case.logits):
+        if token in case.prompt or counts[token]:
+            rep = p["repetition_penalty"]
+            value = value / rep if value > 0 else value * rep
+        value -= p["frequency_penalty"] * counts[token] + p["presence_penalty"] * (
+            counts[token] > 0
+        )
+        values.append(value / p["temperature"])
+
+    def normalised(weights: dict[int, float]) -> dict[int, float]:
+        total = sum(weights.values())
+        return {token: w / total for token, w in weights.items()}
+
+    probs = normalised({t: math.exp(v - max(values)) for t, v in enumerate(values)})
+    order = sorted(probs, key=lambda t: -probs[t])
+    if p["top_k"]:
+        probs = normalised({t: probs[t] for t in order[: p["top_k"]]})
+    kept, mass_before = {}, 0.0
+    for token in order:
+        if token in probs and mass_before < p["top_p"]:
+            kept[token] = probs[token]
+            mass_before += probs[token]
+    probs = normalised(kept)
+    largest = max(probs.values())
+    probs = normalised({t: q for t, q in probs.items() if q >= p["min_p"] * largest})
+    return [probs.get(token, 0.0) for token in range(len(case.logits))]
+
+
+def _seeded_request(request_id: str, params, seed: int, prompt=(), output=()) -> Request:
+    """A request as the engine makes one: its generator from CpuRuntime.generator(seed).
+    `params`: SamplingParams, or a dict of its fields."""
+    sampling = params if isinstance(params, SamplingParams) else SamplingParams(**params)
+    request = Request(request_id, list(prompt) or [7], sampling, max_total_len=1000)
+    request.output_token_ids = list(output)
+    request.generator = CpuRuntime().generator(seed)
+    return request
+
+
+@pytest.fixture(scope="module")
+def draws() -> dict[str, list[int]]:
+    """Every case's DRAWS tokens, and the greedy rows' tokens under "greedy", all from one
+    `sample` call on one batch whose rows interleave the cases (and greedy rows)."""
+    names = list(CASES)
+    requests, rows, labels = [], [], []
+    greedy_logits = tuple(reversed(LOGITS))  # argmax: token 7
+    params = {name: SamplingParams(**CASES[name].params) for name in names}  # frozen: shared
+    for i in range(DRAWS):
+        for c, name in enumerate(names):
+            case = CASES[name]
+            seed = 1 + i * len(names) + c  # distinct for every request, below 2**32
+            requests.append(
+                _seeded_request(f"{name}-{i}", params[name], seed, case.prompt, case.output)
+            )
+            rows.append(case.logits)
+            labels.append(name)
+        if i % GREEDY_EVERY == 0:
+            requests.append(_seeded_request(f"greedy-{i}", dict(temperature=0.0), seed=0))
+            rows.append(greedy_logits)
+            labels.append("greedy")
+    tokens = sample(torch.tensor(rows), requests).token_ids
+    out: dict[str, list[int]] = {}
+    for label, token in zip(labels, tokens):
+        out.setdefault(label, []).append(token)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sampling_draws_from_the_target_distribution(name, draws):
+    """The frequencies of DRAWS draws are within TOLERANCE of the target distribution in every
+    token (false failure < 1e-7 for the module), and the case tells its mutants apart (each is at
+    least 3 x TOLERANCE away in some token: it passes with probability < 1e-36)."""
+    assert len(CASES) * len(LOGITS) * CELL_ALPHA < 1e-7, "the stated false-failure bound"
+    case = CASES[name]
+    target = _target(case)
+    for mutant, overrides in case.mutants.items():
+        other = _target(case, **overrides)
+        distance = max(abs(a - b) for a, b in zip(target, other))
+        assert distance >= 3 * TOLERANCE, f"{name} cannot tell '{mutant}' apart ({distance:.3f})"
+    counts = Counter(draws[name])
+    assert sum(counts.values()) == DRAWS
+    frequencies = [counts[token] / DRAWS for token in range(len(case.logits))]
+    for token, (f, p) in enumerate(zip(frequencies, target)):
+        assert abs(f - p) < TOLERANCE, (
+            f"{name}: token {token} drawn with frequency {f:.4f}, target {p:.4f} "
+            f"(tolerance {TOLERANCE:.4f}); frequencies {[round(x, 4) for x in frequencies]}, "
+            f"target {[round(x, 4) for x in target]}"
+        )
+        if p == 0.0:
+            assert counts[token] == 0, f"{name}: token {token} is filtered out but was drawn"
+
+
+def test_greedy_rows_in_a_sampled_batch_take_the_argmax(draws):
+    assert draws["greedy"] and set(draws["greedy"]) == {len(LOGITS) - 1}
+
+
+# -- seeds ------------------------------------------------------------------------------------
+
+SEED_STEPS = 40
+SEED_VOCAB = 16
+
+
+def _seed_logits(step: int) -> torch.Tensor:
+    """A fixed, nearly flat row per step (so that different generators rarely agree)."""
+    return torch.randn(SEED_VOCAB, generator=torch.Generator().manual_seed(10_000 + step)) * 0.3
+
+
+def _seeded_run(seed: int, companions) -> list[int]:
+    """SEED_STEPS tokens of a request seeded `seed`; at each step `companions(step)` gives the
+    other requests of the batch, as (position of ours, [(params, seed), ...])."""
+    ours = _seeded_request("ours", dict(temperature=1.0), seed)
+    tokens = []
+    for step in range(SEED_STEPS):
+        position, mates = companions(step)
+        batch = [_seeded_request(f"o{j}", params, s) for j, (params, s) in enumerate(mates)]
+        batch.insert(position, ours)
+        logits = torch.randn(len(batch), SEED_VOCAB, generator=torch.Generator().manual_seed(step))
+        logits[position] = _seed_logits(step)
+        tokens.append(sample(logits, batch).token_ids[position])
+    return tokens
+
+
+def _alone(step: int):
+    return 0, []
+
+
+def _in_changing_batches(step: int):
+    """Batches of changing size and order, with greedy rows, other seeds, top-k / top-p / min-p
+    rows (which switch the batch-wide truncation and min-p steps on for our row too) and
+    penalties."""
+    mates = [
+        (dict(temperature=0.0), 0),
+        (dict(temperature=0.7, top_k=3), 5 + step),
+        (dict(temperature=1.2, top_p=0.5, min_p=0.2), 99),
+        (dict(temperature=1.0, presence_penalty=1.0), 7),
+    ][: 1 + step % 4]
+    return step % (len(mates) + 1), mates
+
+
+def test_a_seed_gives_the_same_tokens_alone_or_in_any_batch():
+    alone = _seeded_run(1234, _alone)
+    assert _seeded_run(1234, _alone) == alone, "the same seed, run again"
+    assert _seeded_run(1234, _in_changing_batches) == alone, "the same seed, in batches"
+    assert len(set(alone)) > 4, "the draws vary (a flat distribution over 16 tokens)"
+
+
+def test_different_seeds_give_different_tokens():
+    runs = [tuple(_seeded_run(seed, _alone)) for seed in (1234, 1235, 0, 2**31 + 7)]
+    assert len(set(runs)) == len(runs)
+
+
+def test_seeds_that_differ_only_above_bit_31_give_different_tokens():
+    """torch's CPU generator keeps a seed's low 32 bits; the engine's mixes the high ones in."""
+    assert _seeded_run(5, _alone) != _seeded_run(5 + 2**32, _alone)
