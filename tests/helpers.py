@@ -17,6 +17,16 @@ from torch import nn
 from engram_serve.config import ModelConfig
 from engram_serve.model.batch import AttentionMetadata, CacheTensors, ForwardBatch, RowHandle
 
+# A model directory's backbone: what a copy needs besides its Engram parts.
+BACKBONE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+
 
 def attention_metadata(
     query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: torch.Tensor

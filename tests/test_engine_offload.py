@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import BACKBONE_FILES
 
 from engram_serve.config import EngineConfig, OffloadConfig
 from engram_serve.engine.compression import load_compression, num_compressed
@@ -20,14 +21,6 @@ from engram_serve.llm import build_engine
 from engram_serve.model.default_model import DEFAULT_ENGRAM
 from engram_serve.model.tables import init_tables
 
-BACKBONE_FILES = (
-    "config.json",
-    "model.safetensors",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-)
 ENGINE = EngineConfig(
     max_num_seqs=8, max_num_batched_tokens=64, kv_block_size=16, num_kv_blocks=8, max_model_len=128
 )

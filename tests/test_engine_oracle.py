@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_hf
+from helpers import BACKBONE_FILES, save_tiny_hf
 from safetensors.torch import load_file, save_file
 
 from engram_serve.config import EngramConfig
@@ -65,14 +65,6 @@ DEFAULT_ATOL = 3e-4
 TINY_ATOL = 1e-4
 TOP_K = 5  # logprobs asked for: the chosen token's plus the top 5
 
-BACKBONE_FILES = (
-    "config.json",
-    "model.safetensors",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-)
 TOKENIZER_FILES = BACKBONE_FILES[2:]
 
 TEXTS = (
