@@ -1,90 +1,14 @@
-"""`engram-serve serve | generate | bench | tables`.
-
-Engine and offload flags are made from the config dataclasses' fields, so a new field is a new
-flag with no other change.
-"""
+"""`engram-serve serve | generate | bench | tables` (the engine's flags: engine_args.py)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from engram_serve.config import EngineConfig, OffloadConfig
-
-_FLAG_HELP = {
-    "max_num_seqs": "most requests running at once",
-    "max_num_batched_tokens": "most tokens in one step (prefill chunk size)",
-    "max_model_len": "context length (default: the model's)",
-    "kv_block_size": "tokens per KV block",
-    "num_kv_blocks": "KV blocks (default: kv_cache_bytes / block size)",
-    "kv_cache_bytes": "KV cache budget in bytes",
-    "max_waiting": "waiting-queue limit; beyond it requests are refused (HTTP 503)",
-    "tier": "where Engram tables live: device | host | disk",
-    "cache_rows": "fast-tier Engram row cache capacity in rows (0: none)",
-    "prefetch": "fetch Engram rows ahead of the layers that need them",
-    "lookahead": "also read the next step's prompt rows into the row cache during this step "
-    "(default: on for the disk tier)",
-    "table_path": "directory of the Engram tables (default: the model's engram_tables/)",
-}
-
-
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        kind = hints[f.name]
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        if base is bool:
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=_FLAG_HELP.get(f.name),
-            )
-        else:
-            literal = typing.get_origin(kind) is typing.Literal
-            convert = base if base in (int, float) else str
-            parser.add_argument(
-                flag,
-                type=convert,
-                default=f.default,
-                dest=prefix + f.name,
-                choices=typing.get_args(kind) if literal else None,
-                help=_FLAG_HELP.get(f.name),
-            )
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="model directory or .gguf file (default: the embedded SmolLM2)",
-    )
-    parser.add_argument("--no-engram", action="store_true", help="run without Engram layers")
-    _add_dataclass_flags(parser.add_argument_group("engine"), EngineConfig)
-    _add_dataclass_flags(parser.add_argument_group("engram offload"), OffloadConfig, "engram_")
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, OffloadConfig]:
-    engine = EngineConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
-    )
-    offload = OffloadConfig(
-        **{f.name: getattr(args, "engram_" + f.name) for f in dataclasses.fields(OffloadConfig)}
-    )
-    return engine, offload
-
-
-def engine_from_args(args: argparse.Namespace):
-    from engram_serve.llm import build_engine
-
-    engine_config, offload_config = configs_from_args(args)
-    return build_engine(args.model, engine_config, offload_config, not args.no_engram)
+from engram_serve.engine_args import add_engine_args, engine_from_args
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -126,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-serve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from engram_serve.server.api import add_server_args, run_server
+    from engram_serve.server.process import add_server_args, run_server
 
     add_server_args(_subcommand(sub, "serve", "serve the OpenAI-compatible HTTP API", run_server))
 
@@ -167,10 +91,11 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _tables_init(args: argparse.Namespace) -> None:
-    from engram_serve.config import EngramConfig
-    from engram_serve.engine.compression import load_compression, num_compressed
     from engram_serve.engine.tokenizer import Tokenizer
-    from engram_serve.model.tables import init_tables, read_engram_config
+    from engram_serve.engram.compression import load_compression, num_compressed
+    from engram_serve.engram.config import EngramConfig
+    from engram_serve.engram.tables import read_engram_config
+    from engram_serve.model.retrofit import init_tables
 
     config = (
         EngramConfig.from_json(args.config) if args.config else read_engram_config(args.model_dir)
@@ -190,17 +115,17 @@ def _tables_init(args: argparse.Namespace) -> None:
 
 
 def _tables_verify(args: argparse.Namespace) -> None:
-    from engram_serve.model.tables import verify_tables
+    from engram_serve.engram.tables import verify_tables
 
     print(json.dumps(verify_tables(args.model_dir, full=not args.quick), indent=2, default=str))
 
 
 def _tables_profile(args: argparse.Namespace) -> None:
-    from engram_serve.engine.compression import load_compression
-    from engram_serve.engine.ngram_hash import NgramHasher
     from engram_serve.engine.tokenizer import Tokenizer
+    from engram_serve.engram.compression import load_compression
+    from engram_serve.engram.ngram_hash import NgramHasher
+    from engram_serve.engram.tables import read_engram_config
     from engram_serve.llm import resolve_model_dir
-    from engram_serve.model.tables import read_engram_config
     from engram_serve.offload.cache import profile_rows
 
     model_dir = resolve_model_dir(args.model)

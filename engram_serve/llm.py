@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 from engram_serve.config import EngineConfig, OffloadConfig
 from engram_serve.device import CpuRuntime, DeviceRuntime, get_runtime
-from engram_serve.engine.compression import load_compression
 from engram_serve.engine.engine import Engine, EngramRuntime
-from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.engine.request import RequestOutput, SamplingParams
 from engram_serve.engine.tokenizer import Tokenizer
+from engram_serve.engram.compression import load_compression
+from engram_serve.engram.ngram_hash import NgramHasher
+from engram_serve.engram.tables import open_table, read_engram_config, verify_tables
 from engram_serve.model.loader import load_model, load_model_config, set_parameter
-from engram_serve.model.tables import open_table, read_engram_config, verify_tables
 
 ENGRAM_MODULES_FILE = "engram_modules.safetensors"
 
@@ -48,7 +48,7 @@ def _converted_gguf(path: Path) -> Path:
     """A GGUF file converted once into the cache, keyed by its path, size and mtime."""
     import hashlib
 
-    from engram_serve.engine.compression import cache_dir
+    from engram_serve.engram.compression import cache_dir
     from engram_serve.model.gguf import convert_gguf
 
     stat = path.stat()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_serve.engine.compression import build_compression, load_compression
+from engram_serve.engram.compression import build_compression, load_compression
 
 
 def test_compression_merges_case_and_space_variants(smollm2_hf_tokenizer):

@@ -18,22 +18,22 @@ from helpers import PagedRun
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engram_serve.engine.compression import load_compression
-from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.engine.tokenizer import Tokenizer
-from engram_serve.model.default_model import (
-    DEFAULT_ENGRAM,
-    default_model_dir,
-    packaged_gguf_path,
-)
-from engram_serve.model.loader import load_model
-from engram_serve.model.tables import (
+from engram_serve.engram.compression import load_compression
+from engram_serve.engram.ngram_hash import NgramHasher
+from engram_serve.engram.tables import (
     ENGRAM_JSON,
     MODULES_FILE,
     open_table,
     read_engram_config,
     verify_tables,
 )
+from engram_serve.model.default_model import (
+    DEFAULT_ENGRAM,
+    default_model_dir,
+    packaged_gguf_path,
+)
+from engram_serve.model.loader import load_model
 
 NEW_TOKENS = 24
 LONG_TOKENS = 400

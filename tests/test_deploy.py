@@ -29,8 +29,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_support import ServeProcess, free_port, wait_for
 
-from engram_serve.cli import build_parser, configs_from_args
-from engram_serve.server.api import SHUTDOWN_GRACE_S
+from engram_serve.cli import build_parser
+from engram_serve.engine_args import configs_from_args
+from engram_serve.server.process import SHUTDOWN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

@@ -14,12 +14,12 @@ import pytest
 from helpers import BACKBONE_FILES
 
 from engram_serve.config import EngineConfig, OffloadConfig
-from engram_serve.engine.compression import load_compression, num_compressed
 from engram_serve.engine.request import SamplingParams
 from engram_serve.engine.tokenizer import Tokenizer
+from engram_serve.engram.compression import load_compression, num_compressed
 from engram_serve.llm import build_engine
 from engram_serve.model.default_model import DEFAULT_ENGRAM
-from engram_serve.model.tables import init_tables
+from engram_serve.model.retrofit import init_tables
 
 ENGINE = EngineConfig(
     max_num_seqs=8, max_num_batched_tokens=64, kv_block_size=16, num_kv_blocks=8, max_model_len=128
@@ -101,7 +101,7 @@ def test_tier_outputs_equal_the_device_tier(name, engram_model_dir, device_outpu
 def test_lookahead_is_on_by_default_for_the_disk_tier_alone():
     import argparse
 
-    from engram_serve.cli import add_engine_args, configs_from_args
+    from engram_serve.engine_args import add_engine_args, configs_from_args
 
     assert OffloadConfig(tier="disk").looks_ahead
     assert not OffloadConfig(tier="host").looks_ahead and not OffloadConfig().looks_ahead

@@ -37,22 +37,22 @@ import torch
 from helpers import BACKBONE_FILES, save_tiny_hf
 from safetensors.torch import load_file, save_file
 
-from engram_serve.config import EngramConfig
-from engram_serve.engine.compression import load_compression, num_compressed
-from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.engine.request import CompletionOutput, SamplingParams
 from engram_serve.engine.tokenizer import Tokenizer
-from engram_serve.llm import LLM
-from engram_serve.model.default_model import DEFAULT_ENGRAM, packaged_gguf_path
-from engram_serve.model.tables import (
+from engram_serve.engram.compression import load_compression, num_compressed
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher
+from engram_serve.engram.tables import (
     MANIFEST,
     MODULES_FILE,
     file_digests,
-    init_tables,
     read_engram_config,
     table_path,
     verify_tables,
 )
+from engram_serve.llm import LLM
+from engram_serve.model.default_model import DEFAULT_ENGRAM, packaged_gguf_path
+from engram_serve.model.retrofit import init_tables
 
 # Tolerances on logprobs (log_softmax of float32 logits), engine vs oracle. Both are float32 on
 # the same weights and differ in summation order only (fused q/k/v and gate/up matmuls, the

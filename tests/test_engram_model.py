@@ -10,8 +10,8 @@ import torch
 from helpers import PagedRun, randomize_, save_tiny_hf
 from transformers import LlamaConfig
 
-from engram_serve.config import EngramConfig
-from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.kernels.reference import gather_rows
 from engram_serve.model.loader import load_model, load_model_config
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram_serve.config import EngramConfig
+from engram_serve.engram.config import EngramConfig
 from engram_serve.kernels.reference import (
     decode_fp8_e4m3,
     decode_ue8m0,

@@ -18,9 +18,9 @@ from test_server_support import sse_data
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from engram_serve.engine.compression import build_compression
+from engram_serve.engram.compression import build_compression
 from engram_serve.server import protocol as p
-from engram_serve.server.api import _sse
+from engram_serve.server.sse import _sse
 
 # -- compression ------------------------------------------------------------------------------
 
@@ -33,7 +33,7 @@ WHITE_SPACE = frozenset(
 
 
 def expected_key(text: str, raw_token: str) -> str:
-    """A token's compression key, from the rules in engine/compression.py's docstring: the raw
+    """A token's compression key, from the rules in engram/compression.py's docstring: the raw
     token when its text holds U+FFFD; else NFKC, NFD, marks dropped, lowercased character by
     character, runs of space/tab/CR/LF made one space, then stripped (a lone space stays);
     the text itself when nothing is left."""
@@ -153,9 +153,7 @@ def test_compression_of_the_whole_smollm2_vocabulary(smollm2_hf_tokenizer):
 
 TRICKY = ["\n", "\r\n", "\r", "\n\n", "data: ", "data: [DONE]\n\n", ":", "event: x\n", "id: 1",
           "\u2028", "\u2029", "\x85", "\x00", "\\", '"', "\ufeff", "é", "🙂", "\x1c"]  # fmt: skip
-TEXTS = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(TRICKY)), max_size=8).map(
-    "".join
-)
+TEXTS = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(TRICKY)), max_size=8).map("".join)
 
 
 def _frames(texts: list[str]) -> tuple[bytes, list[tuple[str, str]]]:

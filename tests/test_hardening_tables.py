@@ -24,8 +24,7 @@ from test_server_support import free_port, metric, sse_data, wait_for
 
 from engram_serve.config import EngineConfig, OffloadConfig, ServerConfig
 from engram_serve.engine.request import SamplingParams
-from engram_serve.llm import LLM, build_engine
-from engram_serve.model.tables import (
+from engram_serve.engram.tables import (
     DATA_ALIGN,
     ENGRAM_JSON,
     MANIFEST,
@@ -36,8 +35,10 @@ from engram_serve.model.tables import (
     table_path,
     verify_tables,
 )
+from engram_serve.llm import LLM, build_engine
 from engram_serve.offload.tiers import DiskStore, TableReadError
-from engram_serve.server.api import BackgroundServer, build_app
+from engram_serve.server.api import build_app
+from engram_serve.server.process import BackgroundServer
 
 MODEL = "smol-tables"
 SMALL = EngineConfig(max_num_seqs=1, kv_cache_bytes=32 << 20, max_model_len=256)

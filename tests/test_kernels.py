@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from engram_serve.config import EngramConfig  # noqa: E402
-from engram_serve.engine.ngram_hash import NgramHasher  # noqa: E402
+from engram_serve.engram.config import EngramConfig  # noqa: E402
+from engram_serve.engram.ngram_hash import NgramHasher  # noqa: E402
 from engram_serve.kernels import cpu_gather, cpu_hash  # noqa: E402
 from engram_serve.kernels import reference as ref  # noqa: E402
 from engram_serve.kernels.cpu_gather import gather_rows_cpu  # noqa: E402

@@ -22,7 +22,7 @@ from helpers import (
 )
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-from engram_serve.config import EngramConfig
+from engram_serve.engram.config import EngramConfig
 from engram_serve.model.attention import paged_attention
 from engram_serve.model.llama import LlamaForCausalLM
 from engram_serve.model.loader import load_model, load_model_config

@@ -13,7 +13,7 @@ from helpers import PagedRun, hf_logits, save_tiny_hf
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from engram_serve.config import EngramConfig
+from engram_serve.engram.config import EngramConfig
 from engram_serve.model.engram import EngramDemo
 from engram_serve.model.loader import ModelLoadError, load_model, load_model_config
 

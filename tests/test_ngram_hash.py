@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram_serve.bench.hashing import V41_COMPRESSED_VOCAB, V41_ENGRAM, reference_hash
-from engram_serve.config import EngramConfig
-from engram_serve.engine.ngram_hash import NgramHasher, find_multipliers, find_primes, is_prime
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher, find_multipliers, find_primes, is_prime
 
 SMALL = EngramConfig(
     layer_ids=(1, 4),

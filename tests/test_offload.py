@@ -19,14 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from engram_serve.config import EngramConfig, OffloadConfig
+from engram_serve.config import OffloadConfig
 from engram_serve.device import CpuRuntime
-from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher
+from engram_serve.engram.tables import open_table, table_layouts, table_path, write_random_table
 from engram_serve.kernels.reference import gather_rows
-from engram_serve.model.tables import open_table, table_layouts, table_path, write_random_table
 from engram_serve.offload import aio, pinned
 from engram_serve.offload.cache import RowCache, RowProfile, profile_rows
-from engram_serve.offload.prefetch import STAGING_DEPTH, build_prefetcher
+from engram_serve.offload.prefetch import build_prefetcher
+from engram_serve.offload.staging import STAGING_DEPTH
 from engram_serve.offload.tiers import DiskStore, TableReadError, open_tables, table_from_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -570,7 +572,8 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from engram_serve.config import EngramConfig, OffloadConfig
+    from engram_serve.config import OffloadConfig
+    from engram_serve.engram.config import EngramConfig
     from engram_serve.offload.prefetch import build_prefetcher
     from engram_serve.offload.tiers import open_tables
 

@@ -20,7 +20,8 @@ from test_server_support import (
 
 from engram_serve.config import EngineConfig, ServerConfig
 from engram_serve.llm import build_engine
-from engram_serve.server.api import BackgroundServer, build_app
+from engram_serve.server.api import build_app
+from engram_serve.server.process import BackgroundServer
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(

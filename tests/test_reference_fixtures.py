@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engram_serve.config import EngramConfig
-from engram_serve.engine.compression import build_compression
-from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.engram.compression import build_compression
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.kernels.reference import gather_rows
 from engram_serve.model.engram import EngramDemo, EngramV41, load_v41_checkpoint
 from tests.conftest import FIXTURES_DIR

@@ -26,7 +26,8 @@ from test_server_support import tiny_model_dir
 
 from engram_serve.config import EngineConfig, ServerConfig
 from engram_serve.llm import build_engine
-from engram_serve.server.api import BackgroundServer, build_app
+from engram_serve.server.api import build_app
+from engram_serve.server.process import BackgroundServer
 
 MAX_EXAMPLES = 100  # asked of hypothesis per operation and mode: ~40 s for all, on 2 cores
 # Distinct requests each operation with a body must have sent, per mode (the derandomized runs

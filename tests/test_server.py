@@ -16,14 +16,14 @@ from engram_serve.config import EngineConfig, OffloadConfig, ServerConfig
 from engram_serve.engine.request import Logprob
 from engram_serve.llm import build_engine
 from engram_serve.server import protocol as p
-from engram_serve.server.api import (
+from engram_serve.server.api import build_app
+from engram_serve.server.metrics import EngramMetrics, length_buckets
+from engram_serve.server.process import (
     API_KEY_ENV,
     DEFAULT_SERVED_MODEL_NAME,
     BackgroundServer,
-    build_app,
     server_config_from_args,
 )
-from engram_serve.server.metrics import EngramMetrics, length_buckets
 
 VOCAB = 1000
 
@@ -200,18 +200,16 @@ def test_engram_metrics_follow_the_prefetcher_counters(disk_server, caplog):
         assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0
         assert metric(server.url, "engram_serve_engram_lookups_total") == stats["lookups"]
         assert metric(server.url, "engram_serve_engram_cache_hits_total") == stats["cache_hits"]
-        assert metric(server.url, "engram_serve_engram_cache_misses_total") == stats[
-            "cache_misses"
-        ]
+        assert metric(server.url, "engram_serve_engram_cache_misses_total") == stats["cache_misses"]
         for tier, rows in stats["rows_read"].items():
             assert metric(server.url, "engram_serve_engram_rows_read_total", tier=tier) == rows
         for tier, size in stats["bytes_read"].items():
             assert metric(server.url, "engram_serve_engram_bytes_read_total", tier=tier) == size
         for tier, size in stats["table_bytes"].items():
             assert metric(server.url, "engram_serve_engram_table_bytes", tier=tier) == size
-        assert metric(server.url, "engram_serve_engram_prefetch_stall_seconds_count") == stats[
-            "steps"
-        ]
+        assert (
+            metric(server.url, "engram_serve_engram_prefetch_stall_seconds_count") == stats["steps"]
+        )
         line = wait_for(
             lambda: next((r.getMessage() for r in caplog.records
                           if re.search(r"Engram cache hit rate: \d+\.\d%", r.getMessage())), None),

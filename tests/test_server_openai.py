@@ -23,8 +23,9 @@ from test_server_support import (
 import engram_serve
 from engram_serve.config import EngineConfig, ServerConfig
 from engram_serve.llm import build_engine
-from engram_serve.server.api import BackgroundServer, build_app
+from engram_serve.server.api import build_app
 from engram_serve.server.metrics import FINISH_REASONS
+from engram_serve.server.process import BackgroundServer
 
 API_KEY = "test-key"
 MODEL = "smol-test"

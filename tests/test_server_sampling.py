@@ -26,7 +26,8 @@ from engram_serve.config import EngineConfig, ServerConfig
 from engram_serve.engine.request import SamplingParams
 from engram_serve.llm import build_engine
 from engram_serve.server import protocol as p
-from engram_serve.server.api import BackgroundServer, build_app
+from engram_serve.server.api import build_app
+from engram_serve.server.process import BackgroundServer
 
 MODEL = "smol-sampling"
 MAX_MODEL_LEN = 512

@@ -12,10 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engram_serve.config import EngramConfig
-from engram_serve.engine.ngram_hash import find_primes
-from engram_serve.kernels.reference import FP8_E4M3_TABLE
-from engram_serve.model.tables import (
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import find_primes
+from engram_serve.engram.tables import (
     DATA_ALIGN,
     ENGRAM_JSON,
     MANIFEST,
@@ -23,13 +22,14 @@ from engram_serve.model.tables import (
     QUICK_BYTES,
     RNG_BLOCK_ROWS,
     TableIntegrityError,
-    init_tables,
     open_table,
     quantize_fp8_rows,
     read_engram_config,
     table_path,
     verify_tables,
 )
+from engram_serve.kernels.reference import FP8_E4M3_TABLE
+from engram_serve.model.retrofit import init_tables
 
 HIDDEN = 64
 # ~160k rows of 33 bytes per layer: files of ~5 MiB, larger than the two quick-checksum MiBs.

@@ -41,12 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engram_serve.config import EngineConfig, EngramConfig, OffloadConfig
+from engram_serve.bench.harness import machine, save
+from engram_serve.config import EngineConfig, OffloadConfig
 from engram_serve.device import (
     ATTR_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
     ATTR_HOST_REGISTER_READ_ONLY_SUPPORTED,
     CudaRuntime,
 )
+from engram_serve.engram.config import EngramConfig
 
 ROW_BYTES = 256  # V4.1's FP8 row; its UE8M0 scales are ROW_BYTES // 32 bytes more
 STEP_ROWS = {"decode_32_seqs": 32 * 24, "prefill_8192_tokens": 8192 * 24}  # 24 heads a layer
@@ -166,7 +168,7 @@ def _gather_rates(
 
 def write_tables(model_dir: Path, config: EngramConfig = ENGRAM) -> dict[int, Any]:
     """Random tables of `config` in `model_dir`, opened (memory-mapped)."""
-    from engram_serve.model.tables import table_layouts, table_path, write_random_table
+    from engram_serve.engram.tables import table_layouts, table_path, write_random_table
     from engram_serve.offload.tiers import open_tables
 
     for layout in table_layouts(config):
@@ -401,16 +403,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"gpu-check needs a CUDA device; this torch ({build}) sees none")
     runtime = CudaRuntime(torch.device("cuda"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"seconds": {}}
+    report: dict[str, Any] = {"machine": machine(), "seconds": {}}
     _run_part(report, "device", partial(device_facts, runtime))
     _run_part(report, "uva_gather", partial(uva_gather, runtime, args.table_gib, args.repeats))
     _run_part(report, "tiers_bitwise", partial(tiers_bitwise, runtime, args.steps))
     _run_part(report, "syncs_per_decode_step",
               partial(syncs_per_decode_step, args.num_seqs, args.decode_steps))  # fmt: skip
     _run_part(report, "offload", partial(offload_throughput, args.out.parent))
-    text = json.dumps(report, indent=2, default=str)
-    args.out.write_text(text)
-    print(text)
+    print(json.dumps(report, indent=2, default=str))
+    save(report, args.out, default=str)
     failed = failures(report)
     if failed:
         raise SystemExit(f"gpu-check failed: {', '.join(failed)} (details in {args.out})")

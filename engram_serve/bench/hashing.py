@@ -4,13 +4,16 @@ head), on the DeepSeek-V4.1 configuration."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
-from engram_serve.config import EngramConfig
-from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.bench.harness import machine, save
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher
 
 V41_ENGRAM = EngramConfig(
     variant="v41",
@@ -75,7 +78,12 @@ def run(decode_seqs: int = 64, prefill_seqs: int = 32, prefill_len: int = 1024) 
         # The reference sees decode steps as one-token sequences with their lookback prepended.
         history = np.concatenate([lookback, ids], axis=1)
         ref = _time(
-            repeat, reference_hash, history, hasher.multipliers, hasher.primes, V41_ENGRAM,
+            repeat,
+            reference_hash,
+            history,
+            hasher.multipliers,
+            hasher.primes,
+            V41_ENGRAM,
             hasher.pad_id,
         )
         num_tokens = batch * seq_len
@@ -111,7 +119,7 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0):
 
 
 def compression_seconds(vocab_size: int = 128_000) -> float:
-    from engram_serve.engine.compression import build_compression
+    from engram_serve.engram.compression import build_compression
 
     tokenizer = synthetic_tokenizer(vocab_size)
     start = time.perf_counter()
@@ -120,6 +128,10 @@ def compression_seconds(vocab_size: int = 128_000) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="engram-serve bench hashing", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("results/hashing.json"))
+    args = parser.parse_args(argv)
+    started = machine()
     hashing = run()
     for case, r in hashing.items():
         print(
@@ -129,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     seconds = compression_seconds()
     print(f"compression lookup for a 128k vocabulary: {seconds:.2f} s")
-    results = {"hashing": hashing, "compression_128k_vocab_s": seconds}
+    results = {"machine": started, "hashing": hashing, "compression_128k_vocab_s": seconds}
     print(json.dumps(results, indent=2))
+    save(results, args.out)
     return results
 
 

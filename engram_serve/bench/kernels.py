@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,8 +48,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from engram_serve.config import EngramConfig
-from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.bench.harness import load_average, machine, save
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.kernels import reference
 from engram_serve.kernels.cpu_gather import gather_rows_cpu
 from engram_serve.offload import pinned
@@ -110,7 +110,7 @@ class _TextSteps:
 
         from transformers import AutoTokenizer
 
-        from engram_serve.engine.compression import load_compression
+        from engram_serve.engram.compression import load_compression
         from engram_serve.model.default_model import GGUF_FILE, packaged_gguf_path
 
         tokenizer = AutoTokenizer.from_pretrained(packaged_gguf_path().parent, gguf_file=GGUF_FILE)
@@ -178,14 +178,13 @@ def bench_cpu_gather(table_gib: float = 2.0, repeats: int = 20) -> dict:
     steps = _TextSteps(int(table_gib * 2**30) // ROW_BYTES)
     results: dict = {
         "table_rows": steps.num_rows, "row_bytes": ROW_BYTES,
-        "table_gib": steps.num_rows * ROW_BYTES / 2**30, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()[0],
+        "table_gib": steps.num_rows * ROW_BYTES / 2**30, "load_average_start": load_average(),
     }  # fmt: skip
     results["float32"] = _cpu_cases(
         steps, repeats, ROW_BYTES // 4, _float32_methods(steps.num_rows)
     )
     results["fp8"] = _cpu_cases(steps, repeats, ROW_BYTES, _fp8_methods(steps.num_rows))
-    results["loadavg_end"] = os.getloadavg()[0]
+    results["load_average_end"] = load_average()
     return results
 
 
@@ -489,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         "--attention", action="store_true", help="also the CPU decode attention kernel"
     )
     args = parser.parse_args(argv)
-    results = {}
+    results = {"machine": machine()}
     if args.linear:
         print(f"CPU linear, the default model's matmuls, {torch.get_num_threads()} threads")
         results["cpu_linear"] = bench_cpu_linear(args.repeats)
@@ -501,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
         results["cpu_gather"] = cpu = bench_cpu_gather(args.table_gib, args.repeats)
         print(
             f"CPU gather, {cpu['table_gib']:.2f} GiB table of {ROW_BYTES}-byte rows, "
-            f"{cpu['threads']} threads, load {cpu['loadavg_start']:.1f} -> {cpu['loadavg_end']:.1f}"
+            f"{torch.get_num_threads()} threads, "
+            f"load {cpu['load_average_start']:.1f} -> {cpu['load_average_end']:.1f}"
         )
         for fmt, baseline in (("float32", "index_select"), ("fp8", "reference")):
             for case, r in cpu[fmt].items():
@@ -520,8 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     results["gpu"] = gpu = bench_gpu()
     print("GPU:", json.dumps(gpu, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        save(results, args.json)
 
 
 if __name__ == "__main__":

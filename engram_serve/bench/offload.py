@@ -42,14 +42,32 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from engram_serve.bench.throughput import Workload, make_workload, run_engine
-from engram_serve.config import EngineConfig, EngramConfig, OffloadConfig
+from engram_serve.bench.harness import (
+    alternating,
+    bar_panels,
+    drop_page_cache,
+    figure,
+    load_average,
+    machine,
+    progress,
+    save,
+    say,
+)
+from engram_serve.bench.throughput import (
+    Workload,
+    add_workload_args,
+    make_workload,
+    run_engine,
+    workload_engine_config,
+)
+from engram_serve.config import EngineConfig, OffloadConfig
+from engram_serve.engram.config import EngramConfig
 
 MODEL_DIR = Path("results/bench-offload-model")
 NOT_BACKBONE = {"engram.json", "engram_modules.safetensors", "engram_tables"}
@@ -74,7 +92,7 @@ def engram_config(table_gib: float) -> EngramConfig:
 
 
 def is_built(model_dir: Path, config: EngramConfig) -> bool:
-    from engram_serve.model.tables import TableIntegrityError, read_engram_config, verify_tables
+    from engram_serve.engram.tables import TableIntegrityError, read_engram_config, verify_tables
 
     try:
         found = read_engram_config(model_dir)
@@ -90,10 +108,10 @@ def is_built(model_dir: Path, config: EngramConfig) -> bool:
 def build_model_dir(model_dir: Path, config: EngramConfig) -> float:
     """The default backbone's files symlinked into `model_dir`, plus fresh Engram memory
     (`init_tables`, identity retrofit). Returns seconds taken."""
-    from engram_serve.engine.compression import load_compression, num_compressed
     from engram_serve.engine.tokenizer import Tokenizer
+    from engram_serve.engram.compression import load_compression, num_compressed
     from engram_serve.model.default_model import COMPLETE_MARKER, default_model_dir
-    from engram_serve.model.tables import init_tables
+    from engram_serve.model.retrofit import init_tables
 
     start = time.perf_counter()
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -107,22 +125,16 @@ def build_model_dir(model_dir: Path, config: EngramConfig) -> float:
     return time.perf_counter() - start
 
 
+def table_files(model_dir: Path, config: EngramConfig) -> list[Path]:
+    from engram_serve.engram.tables import table_path
+
+    return [table_path(model_dir, layer_id) for layer_id in config.layer_ids]
+
+
 def table_gib(config: EngramConfig) -> float:
-    from engram_serve.model.tables import table_layouts
+    from engram_serve.engram.tables import table_layouts
 
     return sum(layout.header()[2] for layout in table_layouts(config)) / 2**30
-
-
-def drop_page_cache(model_dir: Path, config: EngramConfig) -> None:
-    """Evict the table files from the OS page cache: no run reads another's pages."""
-    from engram_serve.model.tables import table_path
-
-    for layer_id in config.layer_ids:
-        fd = os.open(table_path(model_dir, layer_id), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def storage_read_bytes() -> int | None:
@@ -160,10 +172,10 @@ def text_workload(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, 
     """
     from pydoc_data.topics import topics
 
-    from engram_serve.engine.compression import load_compression
-    from engram_serve.engine.ngram_hash import NgramHasher
     from engram_serve.engine.tokenizer import Tokenizer
-    from engram_serve.model.tables import read_engram_config
+    from engram_serve.engram.compression import load_compression
+    from engram_serve.engram.ngram_hash import NgramHasher
+    from engram_serve.engram.tables import read_engram_config
     from engram_serve.offload.cache import profile_rows
 
     tokenizer = Tokenizer(model_dir)
@@ -233,15 +245,15 @@ def run_tier(
 ) -> dict[str, Any]:
     from engram_serve.llm import build_engine
 
-    drop_page_cache(model_dir, config)
+    drop_page_cache(table_files(model_dir, config))
     start = time.perf_counter()
     engine = build_engine(model_dir, engine_config, offload)
     build_s = time.perf_counter() - start
     prefetcher = engine.engram.prefetcher
     try:
         run_engine(engine, make_workload(2, 8, 16, engine.model_config.vocab_size, seed=1))
-        drop_page_cache(model_dir, config)
-        load, read_before, waiting = os.getloadavg(), storage_read_bytes(), cpu_waiting_s()
+        drop_page_cache(table_files(model_dir, config))
+        load, read_before, waiting = load_average(), storage_read_bytes(), cpu_waiting_s()
         before, cpu_before = counters(prefetcher.stats), os.times()
         faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         seconds = run_engine(engine, workload)
@@ -267,8 +279,8 @@ def run_tier(
         "cpu_system_s": cpu[1],
         "page_faults": faults,  # minor: memory the run touched for the first time
         "cpu_pressure": None if waiting is None else (waiting_after - waiting) / seconds,
-        "load_avg_before": load[0],
-        "load_avg_after": os.getloadavg()[0],
+        "load_avg_before": load,
+        "load_avg_after": load_average(),
     }
     return result
 
@@ -291,15 +303,14 @@ def print_row(r: dict[str, Any], vs_device: float | None, quartiles: list | None
         ratio += f" (quartiles {quartiles[0]:.3f}-{quartiles[1]:.3f})"
     hit = "    -" if r["hit_rate"] is None else f"{r['hit_rate']:5.1%}"
     storage = r["storage_read_bytes"]
-    print(
+    say(
         f"{r['name']:18s} {r['output_tok_s']:8.1f} tok/s  x{ratio}  hit {hit}  "
         f"stall {r['stall_s']:6.2f} s  read {fmt_tiers(r['rows_read'])}  "
         f"ahead {r['warmed']:,}  storage {'-' if storage is None else storage / 2**20:,.0f} MiB  "
         f"cpu {(r['cpu_user_s'] + r['cpu_system_s']) / r['seconds']:.2f} cores "
         f"(sys {r['cpu_system_s']:.1f} s, {r['page_faults']:,} faults)  "
         f"cpu pressure {r['cpu_pressure'] or 0:.0%}  "
-        f"load {r['load_avg_before']:.1f}-{r['load_avg_after']:.1f}",
-        flush=True,
+        f"load {r['load_avg_before']:.1f}-{r['load_avg_after']:.1f}"
     )
 
 
@@ -332,38 +343,27 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(summary)
     runs = list(summary.values())
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    panels = (
-        ("output tok/s (ratio to device)", [r["output_tok_s"] for r in runs]),
-        ("stall s (forward waiting for rows)", [r["stall_s"] for r in runs]),
-        ("cache hit rate", [r["hit_rate"] or 0.0 for r in runs]),
-    )
-    for ax, (title, values) in zip(axes, panels, strict=False):
-        ax.bar(range(len(names)), values, color="tab:blue")
+    with figure(path, 4, (20, 4.5)) as (_, axes):
+        panels = (
+            ("output tok/s (ratio to device)", [r["output_tok_s"] for r in runs]),
+            ("stall s (forward waiting for rows)", [r["stall_s"] for r in runs]),
+            ("cache hit rate", [r["hit_rate"] or 0.0 for r in runs]),
+        )
+        bar_panels(axes, names, panels)
+        for i, r in enumerate(runs):
+            if r["vs_device"] is not None:
+                axes[0].annotate(f"{r['vs_device']:.3f}", (i, r["output_tok_s"]), ha="center",
+                                 va="bottom", fontsize=8)  # fmt: skip
+        ax, bottom = axes[3], [0] * len(runs)
+        for tier in ("device", "cache", "disk"):
+            values = [r["rows_read"].get(tier, 0) for r in runs]
+            ax.bar(range(len(names)), values, bottom=bottom, label=tier)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
-    for i, r in enumerate(runs):
-        if r["vs_device"] is not None:
-            axes[0].annotate(f"{r['vs_device']:.3f}", (i, r["output_tok_s"]), ha="center",
-                             va="bottom", fontsize=8)  # fmt: skip
-    ax, bottom = axes[3], [0] * len(runs)
-    for tier in ("device", "cache", "disk"):
-        values = [r["rows_read"].get(tier, 0) for r in runs]
-        ax.bar(range(len(names)), values, bottom=bottom, label=tier)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_title("rows read, by tier (read-ahead included)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set_title("rows read, by tier (read-ahead included)")
+        ax.legend(fontsize=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,10 +373,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="engram-serve bench offload", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--level", choices=["engine", "prefetcher"], default="engine")
-    p.add_argument("--num-seqs", type=int, default=32)
-    p.add_argument("--low", type=int, default=64, help="shortest prompt/output")
-    p.add_argument("--high", type=int, default=256, help="longest prompt/output")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    add_workload_args(p, num_seqs=32, low=64, high=256, max_num_batched_tokens=512)
     p.add_argument("--table-gib", type=float, default=8.0, help="all tables together, on disk")
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     p.add_argument("--keep", action="store_true", help="keep the model directory")
@@ -417,23 +414,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(model_dir, ignore_errors=True)
     report["model_build_s"] = build_s
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report["summary"], args.out.with_suffix(".png"))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    save(report, args.out, partial(plot, report["summary"]))
     return report
 
 
 def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> dict[str, Any]:
-    from engram_serve.model.tables import table_path
-
-    table_bytes = sum(table_path(model_dir, lid).stat().st_size for lid in config.layer_ids)
-    engine_config = EngineConfig(
-        max_num_seqs=args.num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=2 * args.high + 8,
-        device=args.device,
-    )
+    started = machine()
+    table_bytes = sum(path.stat().st_size for path in table_files(model_dir, config))
+    engine_config = workload_engine_config(args)
     hot_profile = None
     if args.prompts == "text":
         workload, hot_profile = text_workload(args, model_dir)
@@ -444,19 +432,16 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
         f"tables {table_bytes / 2**30:.2f} GiB in {model_dir}; {args.num_seqs} sequences of "
         f"{args.prompts} prompts, {workload.num_prompt_tokens} prompt + "
         f"{workload.num_output_tokens} output tokens; "
-        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
+        f"load average {load_average():.2f} on {os.cpu_count()} CPUs",
         flush=True,
     )
     tiers = tier_configs(args, hot_profile)
     results = []
-    for round_ in range(args.repeats):
-        # Tiers in order, then in reverse (ABBA): a drift of the machine over the rounds, or an
-        # effect of one run on the next, favours no tier.
-        order = list(tiers) if round_ % 2 == 0 else list(reversed(tiers))
-        for name in order:
-            r = run_in_own_process(name, model_dir, config, engine_config, tiers[name], workload)
-            results.append({**r, "round": round_})
-            print_row(r, None)
+    runs = alternating(list(tiers), args.repeats)
+    for round_, name in progress(runs, "runs", total=args.repeats * len(tiers)):
+        r = run_in_own_process(name, model_dir, config, engine_config, tiers[name], workload)
+        results.append({**r, "round": round_})
+        print_row(r, None)
     summary = summarize(results)
     print(
         "\nmedian run of each tier, and the median (quartiles) of its ratios to the device run "
@@ -465,6 +450,7 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
     for r in summary.values():
         print_row(r, r["vs_device"], r["vs_device_quartiles"])
     return {
+        "machine": started,
         "table_bytes": table_bytes,
         "engram": config.to_dict(),
         "engine": vars(engine_config),
@@ -472,8 +458,6 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
         "length_range": [args.low, args.high],
         "prompt_tokens": workload.num_prompt_tokens,
         "output_tokens": workload.num_output_tokens,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
         "summary": summary,
         "results": results,
     }

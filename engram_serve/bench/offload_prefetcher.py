@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import mmap
 import os
 import shutil
@@ -31,14 +30,26 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from engram_serve.config import EngramConfig, OffloadConfig
-from engram_serve.engine.ngram_hash import NgramHasher
+from engram_serve.bench.harness import (
+    bar_panels,
+    drop_page_cache,
+    figure,
+    machine,
+    progress,
+    save,
+    say,
+)
+from engram_serve.bench.offload import fmt_tiers
+from engram_serve.config import OffloadConfig
+from engram_serve.engram.config import EngramConfig
+from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.kernels.reference import gather_rows
 from engram_serve.offload.cache import RowCache, RowProfile, profile_rows
 from engram_serve.offload.prefetch import build_prefetcher
@@ -101,7 +112,7 @@ def write_table_file(path: Path, layout: Any, seed: int) -> None:
 
 def make_tables(model_dir: Path, config: EngramConfig, seed: int = 0) -> float:
     """Write every layer's table file under `model_dir`; returns seconds taken."""
-    from engram_serve.model.tables import table_layouts, table_path
+    from engram_serve.engram.tables import table_layouts, table_path
 
     start = time.perf_counter()
     for layout in table_layouts(config):
@@ -118,15 +129,6 @@ def make_tables(model_dir: Path, config: EngramConfig, seed: int = 0) -> float:
         print(f"writing {path} ({expected / 2**30:.2f} GiB)", file=sys.stderr)
         write_table_file(path, layout, seed + layout.layer_id)
     return time.perf_counter() - start
-
-
-def drop_page_cache(tables: dict[int, Any]) -> None:
-    for table in tables.values():
-        fd = os.open(table.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def run_config(
     compute_s: float,
     check_every: int = 10,
 ) -> dict[str, Any]:
-    drop_page_cache(tables)
+    drop_page_cache(t.path for t in tables.values())
     gc.collect()
     start = time.perf_counter()
     prefetcher = build_prefetcher(config, tables, offload)
@@ -248,17 +250,12 @@ def run_config(
         "bit_identical": identical,
         "steps_checked": checked,
     }
-    print(
+    say(
         f"{name:28s} rows/s {result['rows_per_s']:>12,.0f}  hit {result['hit_rate']:6.1%}  "
         f"stall {result['stall_ms_per_step']:8.2f} ms/step  wall {wall:6.2f} s  "
-        f"read {fmt_tiers(result['rows_read'])}  identical {identical}",
-        flush=True,
+        f"read {fmt_tiers(result['rows_read'])}  identical {identical}"
     )
     return result
-
-
-def fmt_tiers(d: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
 
 
 def text_profile(hasher: NgramHasher, tokens: int) -> RowProfile:
@@ -297,35 +294,23 @@ def policy_hit_rates(
 
 
 def plot(results: list[dict[str, Any]], policies: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in results]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    panels = (
-        ("row lookups / s", [r["rows_per_s"] for r in results]),
-        ("stall ms / step", [r["stall_ms_per_step"] for r in results]),
-        ("cache hit rate", [r["hit_rate"] for r in results]),
-    )
-    for ax, (title, values) in zip(axes, panels, strict=False):
-        ax.bar(range(len(names)), values, color="tab:blue")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
-    ax = axes[3]
-    for policy in ("lru", "lfu"):
-        for hot in (0.0, 0.5):
-            pts = [p for p in policies if p["policy"] == policy and p["hot_fraction"] == hot]
-            ax.plot([p["capacity"] for p in pts], [p["hit_rate"] for p in pts], marker="o",
-                    label=f"{policy}{' + hot set' if hot else ''}")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("cache rows (layer 1)")
-    ax.set_title("hit rate by policy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 4, (20, 4.5)) as (_, axes):
+        panels = (
+            ("row lookups / s", [r["rows_per_s"] for r in results]),
+            ("stall ms / step", [r["stall_ms_per_step"] for r in results]),
+            ("cache hit rate", [r["hit_rate"] for r in results]),
+        )
+        bar_panels(axes, [r["name"] for r in results], panels)
+        ax = axes[3]
+        for policy in ("lru", "lfu"):
+            for hot in (0.0, 0.5):
+                pts = [p for p in policies if p["policy"] == policy and p["hot_fraction"] == hot]
+                ax.plot([p["capacity"] for p in pts], [p["hit_rate"] for p in pts], marker="o",
+                        label=f"{policy}{' + hot set' if hot else ''}")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("cache rows (layer 1)")
+        ax.set_title("hit rate by policy")
+        ax.legend(fontsize=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    started = machine()
     config = bench_config(args.table_gib)
     hasher = NgramHasher(config, np.arange(COMPRESSED_VOCAB, dtype=np.int64))
     base = args.dir or Path(tempfile.gettempdir())
@@ -389,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.skip_device:
             configs = {"device (RAM)": OffloadConfig(tier="device"), **configs}
         results = [
-            run_config(name, config, tables, off, steps, compute_s) for name, off in configs.items()
+            run_config(name, config, tables, off, steps, compute_s)
+            for name, off in progress(configs.items(), "configurations", total=len(configs))
         ]
         policy_steps = make_steps(hasher, args.policy_steps, args.decode_seqs,
                                   args.prefill_chunk, args.prefill_every, seed=2)  # fmt: skip
@@ -399,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.keep_table:
             shutil.rmtree(model_dir, ignore_errors=True)
     report = {
+        "machine": started,
         "table_bytes": table_bytes,
         "config": config.to_dict(),
         "steps": len(steps),
@@ -406,13 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compute_ms_per_step": args.compute_ms,
         "results": results,
         "policies": policies,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(results, policies, args.out.with_suffix(".png"))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    save(report, args.out, partial(plot, results, policies))
     return report
 
 

@@ -28,11 +28,14 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+
+from engram_serve.bench.harness import figure, machine, save
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 SLO_METRICS = ("ttft", "tpot", "e2el")  # what --goodput may bound, in ms
@@ -435,11 +438,6 @@ def _row(label: str, value: Any) -> str:
 
 def plot(results: list[RequestResult], summary: dict[str, Any], path: Path) -> None:
     """Latency CDFs (TTFT, E2EL; TPOT, ITL) and output throughput over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in results if r.ok]
     series = {
         "ttft": [r.ttft_s * 1e3 for r in done],
@@ -447,34 +445,31 @@ def plot(results: list[RequestResult], summary: dict[str, Any], path: Path) -> N
         "tpot": [r.tpot_s * 1e3 for r in done if r.tpot_s is not None],
         "itl": [g * 1e3 for r in done for g in r.itl_s],
     }
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, names in zip(axes[:2], [("ttft", "e2el"), ("tpot", "itl")], strict=False):
-        for name in names:
-            values = np.sort(series[name])
-            if len(values):
-                ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post",
-                        label=name.upper())
-        ax.set(xlabel="ms", ylabel="fraction of samples", title="CDF: " + ", ".join(
-            n.upper() for n in names))
+    with figure(path, 3, (16, 4.5), dpi=100) as (fig, axes):
+        for ax, names in zip(axes[:2], [("ttft", "e2el"), ("tpot", "itl")], strict=False):
+            for name in names:
+                values = np.sort(series[name])
+                if len(values):
+                    ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post",
+                            label=name.upper())
+            ax.set(xlabel="ms", ylabel="fraction of samples", title="CDF: " + ", ".join(
+                n.upper() for n in names))
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend()
+        timeline, ax = summary["timeline"], axes[2]
+        ax.step(timeline["t_s"], timeline["output_tok_s"], where="mid", color="tab:blue")
+        ax.set(xlabel="time since start (s)", ylabel="output tok/s (1 s buckets)",
+               title="Throughput over time")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    timeline, ax = summary["timeline"], axes[2]
-    ax.step(timeline["t_s"], timeline["output_tok_s"], where="mid", color="tab:blue")
-    ax.set(xlabel="time since start (s)", ylabel="output tok/s (1 s buckets)",
-           title="Throughput over time")
-    ax.grid(alpha=0.3)
-    twin = ax.twinx()
-    twin.step(timeline["t_s"], timeline["in_flight"], where="mid", color="tab:orange", alpha=0.7)
-    twin.set_ylabel("requests in flight", color="tab:orange")
-    twin.set_ylim(bottom=0)
-    concurrency = summary["max_concurrency"] or "unlimited"
-    fig.suptitle(f"{summary['model']} @ {summary['base_url']}: {summary['completed']} ok, "
-                 f"{summary['failed']} failed, max concurrency {concurrency}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        twin = ax.twinx()
+        twin.step(timeline["t_s"], timeline["in_flight"], where="mid", color="tab:orange",
+                  alpha=0.7)
+        twin.set_ylabel("requests in flight", color="tab:orange")
+        twin.set_ylim(bottom=0)
+        concurrency = summary["max_concurrency"] or "unlimited"
+        fig.suptitle(f"{summary['model']} @ {summary['base_url']}: {summary['completed']} ok, "
+                     f"{summary['failed']} failed, max concurrency {concurrency}")
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -592,26 +587,27 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not args.no_progress,
     ))
     summary = {
-        **settings, "load_average_after": list(os.getloadavg()),
+        **settings,
         **summarize(results, duration, slos, args.percentiles),
         "requests": [_request_record(r, args.save_detailed) for r in results],
     }
     print(format_table(summary, args.percentiles))
-    _save(summary, args.output, None if args.no_plot else results)
+    save(summary, args.output, None if args.no_plot else partial(plot, results, summary),
+         allow_nan=False)  # fmt: skip
     return summary
 
 
 def _settings(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     """What was run, where, and how busy this machine was (a shared machine skews latencies)."""
     return {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "base_url": target.base_url,
+        "machine": machine(), "base_url": target.base_url,
         "endpoint": target.endpoint, "model": target.model, "dataset": args.dataset,
         "input_len": list(args.input_len) if args.dataset == "random" else None,
         "output_len": list(args.output_len),
         # JSON has no infinity; "inf" is what --request-rate takes.
         "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
         "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
-        "sampling": target.sampling, "load_average_before": list(os.getloadavg()),
+        "sampling": target.sampling,
     }
 
 
@@ -622,15 +618,6 @@ def _request_record(result: RequestResult, detailed: bool) -> dict[str, Any]:
     if not detailed:
         record.pop("itl_s")
     return record
-
-
-def _save(summary: dict[str, Any], output: Path, results: list[RequestResult] | None) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=2, allow_nan=False))
-    print(f"results: {output}")
-    if results is not None:
-        plot(results, summary, output.with_suffix(".png"))
-        print(f"plot: {output.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from engram_serve.bench.harness import machine, save
+
 PROMPTS = (
     "The capital of France is",
     "Once upon a time, in a small village by the sea,",
@@ -393,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    started = machine()
     server = None
     if args.url is None:
         log_path = Path(tempfile.mkdtemp(prefix="engram-soak-")) / "server.log"
@@ -403,10 +406,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = soak(url, pid, args)
     finally:
         exit_code = server.stop() if server else None
-    report["server_exit_code"] = exit_code
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    report = {"machine": started, **report, "server_exit_code": exit_code}
     print(format_report(report))
-    print(f"written: {args.output}")
+    save(report, args.output)
     if not all(report["checks"].values()):
         raise SystemExit(1)
     return report

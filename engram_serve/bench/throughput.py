@@ -21,11 +21,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engram_serve.bench.harness import alternating, machine, progress, save, say
 from engram_serve.config import EngineConfig, ModelConfig, OffloadConfig
 
 
@@ -249,13 +251,31 @@ def single_stream_decode(engine, num_tokens: int = 64) -> float:
     return num_tokens / (time.perf_counter() - start)
 
 
+def add_workload_args(
+    parser: argparse.ArgumentParser, num_seqs: int, low: int, high: int, max_num_batched_tokens: int
+) -> None:
+    """The workload's flags (`make_workload`) and the engine's step budget, with these defaults."""
+    parser.add_argument("--num-seqs", type=int, default=num_seqs)
+    parser.add_argument("--low", type=int, default=low, help="shortest prompt/output")
+    parser.add_argument("--high", type=int, default=high, help="longest prompt/output")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens)
+
+
+def workload_engine_config(args: argparse.Namespace, **fields: Any) -> EngineConfig:
+    """An engine sized for the workload flags (`add_workload_args`) on `--device`."""
+    return EngineConfig(
+        max_num_seqs=args.num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=2 * args.high + 8,
+        device=args.device,
+        **fields,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="engram-serve bench throughput", description=__doc__)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--num-seqs", type=int, default=64)
-    parser.add_argument("--low", type=int, default=100, help="shortest prompt/output")
-    parser.add_argument("--high", type=int, default=1024, help="longest prompt/output")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    add_workload_args(parser, num_seqs=64, low=100, high=1024, max_num_batched_tokens=2048)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, A B B A")
@@ -272,18 +292,12 @@ def main(argv: list[str] | None = None) -> dict:
     from engram_serve.llm import build_engine, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    engine_config = EngineConfig(
-        max_num_seqs=args.num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=2 * args.high + 8,
-        kv_cache_bytes=4 << 30,
-        device=args.device,
-    )
+    engine_config = workload_engine_config(args, kv_cache_bytes=4 << 30)
     offload = OffloadConfig(tier=args.engram_tier)
     results: dict = {
+        "machine": machine(),
         "num_seqs": args.num_seqs,
         "length_range": [args.low, args.high],
-        "threads": torch.get_num_threads(),
     }
     peaks = [matmul_peak_gflops(device=args.device)]
     engines = {
@@ -300,14 +314,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for engine in engines.values():
         run_engine(engine, make_workload(2, 8, 16, config.vocab_size, seed=1))  # warm-up
-    # Rounds in A B B A order, so a drift in the machine's speed (other work, clocks) cancels
-    # out of the ratio instead of landing on whichever engine ran second.
     seconds: dict[str, list[float]] = {name: [] for name in engines}
-    for round_ in range(args.rounds):
-        peaks.append(matmul_peak_gflops(device=args.device))
-        for name in list(engines)[:: 1 if round_ % 2 == 0 else -1]:
-            seconds[name].append(run_engine(engines[name], workload))
-            print(f"round {round_ + 1}/{args.rounds} {name}: {seconds[name][-1]:.1f} s", flush=True)
+    runs = alternating(list(engines), args.rounds)
+    for i, (round_, name) in enumerate(progress(runs, "runs", total=args.rounds * len(engines))):
+        if i % len(engines) == 0:  # before each round
+            peaks.append(matmul_peak_gflops(device=args.device))
+        seconds[name].append(run_engine(engines[name], workload))
+        say(f"round {round_ + 1}/{args.rounds} {name}: {seconds[name][-1]:.1f} s")
     for name, engine in engines.items():
         mean = sum(seconds[name]) / len(seconds[name])
         results[name] = {
@@ -349,8 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"matmul peak {results['matmul_peak_gflops']:.1f} GFLOP/s"
     )
     print(json.dumps(results, indent=2))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2))
+    save(results, args.output)
     return results
 
 

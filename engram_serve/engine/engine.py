@@ -20,12 +20,12 @@ import torch
 from engram_serve.config import EngineConfig, ModelConfig
 from engram_serve.device import DeviceRuntime, get_runtime
 from engram_serve.engine.kv_cache import BlockManager, allocate_cache, kv_bytes_per_block
-from engram_serve.engine.ngram_hash import NgramHasher
 from engram_serve.engine.output import OutputTracker
 from engram_serve.engine.request import Request, RequestOutput, SamplingParams
 from engram_serve.engine.sampler import SampleOutput, Sampler
 from engram_serve.engine.scheduler import QueueFullError, ScheduledBatch, Scheduler
 from engram_serve.engine.tokenizer import Tokenizer
+from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.model.batch import AttentionMetadata, ForwardBatch, RowHandle
 from engram_serve.offload.tiers import TableReadError
 from engram_serve.offload.uploads import Uploader

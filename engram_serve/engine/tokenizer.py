@@ -49,7 +49,7 @@ class Tokenizer:
 
     @property
     def hf_tokenizer(self) -> Any:
-        """The wrapped transformers tokenizer (e.g. for engine/compression.py)."""
+        """The wrapped transformers tokenizer (e.g. for engram/compression.py)."""
         return self._tok
 
     @property

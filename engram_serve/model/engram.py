@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_serve.config import EngramConfig
+from engram_serve.engram.config import EngramConfig
 from engram_serve.kernels import cpu_gate
 from engram_serve.kernels.reference import dequantize_blocks, engram_gate
 from engram_serve.model.linear import Linear

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from engram_serve.model.tables import safetensors_header
+from engram_serve.engram.tables import safetensors_header
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_serve.config import EngramConfig, ModelConfig
+from engram_serve.config import ModelConfig
+from engram_serve.engram.config import EngramConfig
 from engram_serve.kernels import cpu_decode
 from engram_serve.model.attention import paged_attention
 from engram_serve.model.batch import ForwardBatch

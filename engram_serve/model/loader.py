@@ -20,8 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engram_serve.config import EngramConfig, ModelConfig
+from engram_serve.config import ModelConfig
 from engram_serve.device import CpuRuntime, DeviceRuntime
+from engram_serve.engram.config import EngramConfig
 from engram_serve.model.engram import build_engram
 from engram_serve.model.llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM
 

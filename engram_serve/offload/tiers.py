@@ -61,7 +61,7 @@ class TableReadError(OSError):
 
 
 class EngramTable(Protocol):
-    """One layer's table as the offload reads it. engram_serve.model.tables.EngramTable (a
+    """One layer's table as the offload reads it. engram_serve.engram.tables.EngramTable (a
     memory-mapped file) and MemoryTable (arrays in RAM) both fit."""
 
     layer_id: int
@@ -147,7 +147,7 @@ def table_from_tensors(
 
 def open_tables(model_dir: str | Path, layer_ids: tuple[int, ...] | list[int]) -> dict[int, Any]:
     """Memory-map every Engram layer's table file of a model directory (nothing is read yet)."""
-    from engram_serve.model.tables import open_table  # the file format lives with the model
+    from engram_serve.engram.tables import open_table  # the file format lives with the model
 
     return {layer_id: open_table(model_dir, layer_id) for layer_id in layer_ids}
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engram_serve.config import EngramConfig, TableDtype
+from engram_serve.engram.config import EngramConfig, TableDtype
+from engram_serve.engram.ngram_hash import find_primes
+from engram_serve.kernels.reference import dequantize_rows
 
 ENGRAM_JSON = "engram.json"
 MODULES_FILE = "engram_modules.safetensors"
@@ -152,7 +154,6 @@ class TableLayout:
 
 def table_layouts(config: EngramConfig) -> list[TableLayout]:
     """One layout per Engram layer; rows = the sum of the layer's per-head primes."""
-    from engram_serve.engine.ngram_hash import find_primes
 
     rows = find_primes(config).sum(axis=1)  # [L]
     return [
@@ -244,24 +245,6 @@ def write_random_table(
                 bar.update(count * bytes_per_row)
 
 
-def _module_weights(
-    config: EngramConfig, hidden_size: int, seed: int, identity: bool
-) -> dict[str, torch.Tensor]:
-    """Freshly initialised Engram modules (PyTorch default init, seeded per layer)."""
-    from engram_serve.model.engram import build_engram, zero_value_path
-
-    out = {}
-    with torch.random.fork_rng(devices=[]):
-        for layer_id in config.layer_ids:
-            torch.manual_seed(seed * 100_003 + layer_id)
-            module = build_engram(config, hidden_size)
-            if identity:
-                zero_value_path(module)
-            for name, t in module.state_dict().items():
-                out[f"model.layers.{layer_id}.engram.{name}"] = t.detach().float().contiguous()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # checksums and the manifest
 
@@ -315,15 +298,6 @@ def _read_manifest(model_dir: Path) -> dict[str, Any]:
 # public entry points
 
 
-def _hidden_size(model_dir: Path, hidden_size: int | None) -> int:
-    if hidden_size is not None:
-        return hidden_size
-    config_path = model_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} is missing; pass hidden_size explicitly")
-    return int(json.loads(config_path.read_text())["hidden_size"])
-
-
 def _check_disk_space(model_dir: Path, needed: int, replaced: Iterable[Path]) -> None:
     reclaimed = sum(p.stat().st_size for p in replaced if p.exists())
     free = shutil.disk_usage(model_dir).free + reclaimed
@@ -335,37 +309,32 @@ def _check_disk_space(model_dir: Path, needed: int, replaced: Iterable[Path]) ->
         )
 
 
-def init_tables(
+def write_tables(
     model_dir: str | Path,
     config: EngramConfig,
     num_compressed: int,
+    modules: dict[str, torch.Tensor],
+    *,
     seed: int = 0,
-    dtype: TableDtype | None = None,
     identity: bool = False,
     progress: bool = True,
-    *,
-    hidden_size: int | None = None,
     chunk_bytes: int = 64 << 20,
 ) -> dict[str, Any]:
-    """Give `model_dir` fresh Engram memory: engram.json, seeded random tables, module weights
-    and the manifest. Returns the manifest.
+    """Write a model's Engram memory: engram.json, tables of seeded random rows, the given module
+    weights (float32, contiguous, named `model.layers.{L}.engram.<name>`) and the manifest.
+    Returns the manifest.
 
     `num_compressed` is the compressed vocabulary size of the model's tokenizer (the hash
-    multipliers derive from it; it is recorded so a mismatched tokenizer can be caught).
-    `seed` seeds the contents (config.seed seeds the hashing); `dtype` overrides
-    config.table_dtype; `identity` zeroes each module's value path, so the model's outputs equal
-    its backbone's until trained tables and modules replace these. The manifest is written last:
-    an interrupted run leaves none, and verify_tables then says so.
+    multipliers derive from it; it is recorded so a mismatched tokenizer can be caught). `seed`
+    seeds the contents (config.seed seeds the hashing); `identity` records that the modules'
+    value path is zero. The manifest is written last: an interrupted run leaves none, and
+    verify_tables then says so.
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    if dtype is not None:
-        config = replace(config, table_dtype=dtype)
-    hidden = _hidden_size(model_dir, hidden_size)
     layouts = table_layouts(config)
     paths = [table_path(model_dir, lay.layer_id) for lay in layouts]
     sizes = [lay.header()[2] for lay in layouts]
-    modules = _module_weights(config, hidden, seed, identity)
     module_bytes = sum(t.numel() * t.element_size() for t in modules.values())
     _check_disk_space(model_dir, sum(sizes) + module_bytes, [*paths, model_dir / MODULES_FILE])
 
@@ -534,8 +503,6 @@ class EngramTable:
 
     def gather(self, row_ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """float32 rows `[..., W]` (fp8 dequantized); reads only the rows asked for."""
-        from engram_serve.kernels.reference import dequantize_rows
-
         ids = np.asarray(row_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
             raise IndexError(f"row ids outside [0, {self.rows}) for {self.path}")

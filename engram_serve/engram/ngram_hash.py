@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_serve.config import EngramConfig
+from engram_serve.engram.config import EngramConfig
 from engram_serve.kernels.cpu_hash import ngram_hash_cpu
 
 PRIME_1 = 10007
