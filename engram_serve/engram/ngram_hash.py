@@ -85,7 +85,7 @@ class NgramHasher:
     """Row ids of every Engram layer for a batch of tokens. Usable on its own, e.g. to
     pre-compute rows offline in a data pipeline.
 
-    `lookup` maps raw token ids to compressed ids (engine/compression.py).
+    `lookup` maps raw token ids to compressed ids (engram/compression.py).
     """
 
     def __init__(self, config: EngramConfig, lookup: np.ndarray):

@@ -6,7 +6,7 @@
     engram_tables/manifest.json           per file: size, rows, dtype, sha256, quick sha256
 
 Layer L's table holds every head's rows stacked, rows = sum of the layer's primes (see
-engine/ngram_hash.py). Table files are ordinary safetensors whose header is padded so the data
+engram/ngram_hash.py). Table files are ordinary safetensors whose header is padded so the data
 starts at a 4 KiB boundary; fp8_e4m3 rows are stored as uint8 bytes. A table may be far larger
 than RAM: it is written in chunks and read through a memory map or pread, never loaded whole.
 """
