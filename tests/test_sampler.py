@@ -54,6 +54,25 @@ def test_min_tokens_masks_eos_and_stop_tokens_only_below_the_minimum():
     assert sample(logits.clone(), [late]).token_ids == [0]
 
 
+def test_ignore_eos_leaves_eos_free_below_min_tokens_but_not_the_stop_tokens():
+    logits = torch.zeros(1, 6)
+    logits[0, 5], logits[0, 0] = 10.0, 9.0  # the stop token, then EOS (id 0), would win
+    r = _request([1], [4], min_tokens=3, stop_token_ids=[5], ignore_eos=True, temperature=0.0)
+    assert sample(logits, [r]).token_ids == [0]
+
+
+def test_top_k_keeps_exactly_the_k_largest_in_every_row():
+    """Against a per-row sort, for every k from 1 to past the vocabulary, top-p left at 1 (in
+    float32 the kept tokens' mass can sum to just under 1, so top-p cannot stand in for top-k)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 50, generator=generator) * 3
+    requests = [_request([1], [], top_k=k) for k in range(1, 65)]
+    kept = torch.isfinite(apply_top_k_top_p(logits, SamplingBatch.build(requests, 50)))
+    for row, k in enumerate(range(1, 65)):
+        want = sorted(range(50), key=lambda t: -logits[row, t].item())[: min(k, 50)]
+        assert kept[row].nonzero().flatten().tolist() == sorted(want), k
+
+
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
 
@@ -78,6 +97,20 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
     assert set(entry) == {1, 0}  # the sampled token plus the top 2 (which include it)
     for token, lp in entry.items():
         assert math.isclose(lp.logprob, expected[token].item(), rel_tol=1e-6)
+
+
+def test_logprobs_come_back_per_row_in_a_batch_where_some_rows_ask_for_none():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.3, -0.2, 1.5, 0.0], [2.0, 0.0, 0.1, 0.2]])
+    requests = [
+        _request([1], [], temperature=0.0),
+        _request([1], [], temperature=0.0, logprobs=1),
+        _request([1], [], temperature=0.0),
+    ]
+    out = sample(logits, requests)
+    assert out.token_ids == [1, 2, 0]
+    assert out.logprobs[0] is None and out.logprobs[2] is None
+    expected = torch.log_softmax(logits[1], -1)[2].item()
+    assert set(out.logprobs[1]) == {2} and math.isclose(out.logprobs[1][2].logprob, expected)
 
 
 @pytest.mark.parametrize("bad, message", [

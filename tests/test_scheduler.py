@@ -248,6 +248,37 @@ def test_a_step_that_preempts_starts_no_waiting_request():
     assert plan(scheduler.schedule()) == [("a", 1), ("b", 1)]
 
 
+def test_once_the_budget_is_spent_no_request_gets_an_empty_chunk():
+    scheduler = make(budget=6)
+    a, _ = add(scheduler, "a", 3), add(scheduler, "b", 2)
+    advance(scheduler.schedule())
+    a.output_token_ids += [7] * 10  # a lacks 11 tokens: the whole budget
+    step = scheduler.schedule()
+    assert plan(step) == [("a", 6)], "b waits for the next step; it is not scheduled with 0"
+
+
+def test_a_preempted_request_counts_each_preemption_and_keeps_its_first_schedule_time():
+    scheduler = make(num_blocks=3)
+    a = add(scheduler, "a", 3)  # 1 block
+    b = add(scheduler, "b", 8)  # 2 blocks: the pool is full
+    assert b.metrics.first_scheduled_time is None
+    advance(scheduler.schedule())
+    first = b.metrics.first_scheduled_time
+    assert first is not None and first >= b.metrics.arrival_time
+    step = scheduler.schedule()  # b's 9th token needs a third block: b preempts itself
+    assert step.num_preempted == 1 and b.num_preemptions == 1
+    advance(step)
+    scheduler.running.remove(a)
+    scheduler.finish(a, "stop")
+    preemptions = 0
+    for _ in range(8):  # b runs alone in the 3 blocks, until its 13th token needs a fourth
+        step = scheduler.schedule()
+        preemptions += step.num_preempted
+        advance(step)
+    assert preemptions == 1 and b.num_preemptions == 2 and scheduler.num_preemptions == 2
+    assert b.metrics.first_scheduled_time == first, "the first schedule is the first one"
+
+
 # -- abort ------------------------------------------------------------------------------------
 
 

@@ -73,18 +73,33 @@ def test_request_values_map_onto_the_engine():
     assert (defaults.temperature, defaults.top_p, defaults.repetition_penalty) == (1.0, 1.0, 1.0)
 
 
+def test_the_limits_of_the_mapping_are_inclusive():
+    """A string stop is one stop string; MAX_STOP strings, token ids 0 and VOCAB - 1, and a
+    temperature of GREEDY_TEMPERATURE itself all pass as sent."""
+    (params,) = _completion(stop="ab", temperature=p.GREEDY_TEMPERATURE).sampling_params(
+        8, None, VOCAB
+    )
+    assert params.stop == ("ab",) and params.temperature == p.GREEDY_TEMPERATURE
+    stops = [f"s{i}" for i in range(p.MAX_STOP)]
+    ends = [0, VOCAB - 1]
+    params = _completion(stop=stops, stop_token_ids=ends).sampling_params(8, None, VOCAB)[0]
+    assert params.stop == tuple(stops) and params.stop_token_ids == tuple(ends)
+    assert _completion(temperature=0).sampling_params(8, None, VOCAB)[0].is_greedy
+
+
 @pytest.mark.parametrize(
-    ("fields", "max_tokens", "param"),
+    ("fields", "max_tokens", "param", "message"),
     [
-        ({"min_tokens": 9}, 8, "min_tokens"),  # SamplingParams' own check, named
-        ({"stop_token_ids": [VOCAB]}, 8, "stop_token_ids"),
-        ({"stop": ["a"] * (p.MAX_STOP + 1)}, 8, "stop"),
+        ({"min_tokens": 9}, 8, "min_tokens", "min_tokens must be in [0, max_tokens], got 9"),
+        ({"stop_token_ids": [VOCAB]}, 8, "stop_token_ids", f"stop token id {VOCAB} is outside"),
+        ({"stop": ["a"] * (p.MAX_STOP + 1)}, 8, "stop", f"at most {p.MAX_STOP} stop strings"),
     ],
 )
-def test_invalid_values_are_400_with_the_field_named(fields, max_tokens, param):
+def test_invalid_values_are_400_with_the_field_named(fields, max_tokens, param, message):
     with pytest.raises(p.APIError) as error:
         _completion(**fields).sampling_params(max_tokens, None, VOCAB)
     assert error.value.status == 400 and error.value.param == param
+    assert error.value.message.startswith(message)
 
 
 def test_prompt_forms():

@@ -216,13 +216,15 @@ def sample_random(
 
 def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [R, V] of the random rows; top-p keeps the smallest prefix whose mass reaches p
-    (the token crossing p stays)."""
+    (the token crossing p stays). A row with top-p 1 keeps every token top-k keeps: its float32
+    cumulative mass can reach 1 before the last tokens, which must not drop them."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
     drop = ranks >= batch.top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= batch.top_p[:, None]
+    top_p = batch.top_p[:, None]
+    drop |= (mass_before >= top_p) & (top_p < 1.0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
