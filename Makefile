@@ -77,17 +77,18 @@ lint: $(STAMP)
 
 # Mutation testing (not in CI, not in `make test`): mutmut mutates the sampler, scheduler, output
 # tracker and OpenAI protocol and runs the tests that cover each mutant ([tool.mutmut] in
-# pyproject.toml), from scratch in ./mutants, then prints the score per module
-# (tools/mutation_score.py). Its workers are forked from a process that has run the tests, so
-# every thread pool stays off: a fork after GNU OpenMP was used makes numba's OpenMP layer
-# SIGTERM the worker and torch's OpenMP hang in it (a false kill, a false timeout).
-# MUTATION_JOBS: parallel workers (one core each).
+# pyproject.toml), from scratch in ./mutants, runs every survivor and timeout again against its
+# module's whole test files (mutmut misses what a module-scoped fixture's later tests kill), then
+# prints the score per module (tools/mutation_score.py). Its workers are forked from a process
+# that has run the tests, so every thread pool stays off: a fork after GNU OpenMP was used makes
+# numba's OpenMP layer SIGTERM the worker and torch's OpenMP hang in it (a false kill, a false
+# timeout). MUTATION_JOBS: parallel workers (one core each).
 MUTATION_JOBS ?= 2
 mutation: $(STAMP)
 	$(PY) -c 'import importlib.metadata as m; assert m.version("mutmut") == "3.8.1"' 2>/dev/null \
 		|| $(PY) -m pip install --quiet mutmut==3.8.1
 	rm -rf mutants
-	OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue \
-	ENGRAM_FIXTURES_DIR="$${ENGRAM_FIXTURES_DIR:-$(abspath ../shared/fixtures/engram)}" \
-		$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS)
-	$(PY) tools/mutation_score.py --survivors mutants/survivors.txt
+	export OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue \
+		ENGRAM_FIXTURES_DIR="$${ENGRAM_FIXTURES_DIR:-$(abspath ../shared/fixtures/engram)}"; \
+	$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) \
+		&& $(PY) tools/mutation_score.py --recheck --survivors mutants/survivors.txt

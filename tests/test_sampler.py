@@ -85,6 +85,11 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert kept(top_p=0.6).tolist() == [True, True, False, False, False]
     assert kept(top_p=0.71).tolist() == [True, True, True, False, False]
     assert kept(top_k=3, top_p=0.5).tolist() == [True, False, False, False, False]
+    # Mass that reaches p exactly (four equal tokens, 0.25 each, exact in float32) is enough.
+    uniform = torch.zeros(1, 4)
+    for top_p, count in ((0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4)):
+        batch = SamplingBatch.build([_request([1], [], top_p=top_p)], 4)
+        assert torch.isfinite(apply_top_k_top_p(uniform, batch)).sum().item() == count, top_p
 
 
 def test_logprobs_are_log_softmax_of_the_raw_logits():
@@ -97,6 +102,7 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
     assert set(entry) == {1, 0}  # the sampled token plus the top 2 (which include it)
     for token, lp in entry.items():
         assert math.isclose(lp.logprob, expected[token].item(), rel_tol=1e-6)
+        assert lp.rank == 1 + int((expected > expected[token]).sum())
 
 
 def test_logprobs_come_back_per_row_in_a_batch_where_some_rows_ask_for_none():
@@ -132,6 +138,16 @@ def test_extreme_penalties_and_banned_tokens_give_finite_logprobs():
     values = [lp.logprob for lp in out.logprobs[0].values()]
     assert all(math.isfinite(v) and v <= 0 for v in values), values
     assert out.token_ids[0] != 0  # EOS (id 0) is banned below min_tokens
+
+
+def test_a_penalised_logit_that_overflows_is_still_drawn_at_a_low_temperature():
+    """Repetition 5e-324 is 0 in float32: token 2's logit 3.0 / 0 overflows, and at temperature
+    0.01 it must still be (all but surely) the token drawn, whatever the seed."""
+    logits = torch.tensor([[0.5, 1.0, 3.0, -1.0]])
+    for seed in range(8):
+        r = _request([2], [], repetition_penalty=5e-324, temperature=0.01, seed=seed)
+        r.generator = CpuRuntime().generator(seed)
+        assert sample(logits.clone(), [r]).token_ids == [2], seed
 
 
 # -- distributions ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from engram_serve.offload.uploads import Uploader
 
 # Logprobs of impossible tokens are reported as this finite floor (JSON has no -inf), as vLLM does.
 MIN_LOGPROB = -9999.0
-_FLOAT_MAX = torch.finfo(torch.float32).max / 4  # headroom: softmax sums stay finite
+_FLOAT_MAX = torch.finfo(torch.float32).max  # what a penalised logit that overflowed becomes
 
 
 @dataclass
@@ -203,7 +203,9 @@ def sample_random(
 ) -> torch.Tensor:
     """logits [R, V] -> token ids [R]: temperature, top-k, top-p, min-p, then an exponential race
     (argmax of p / Exp(1) noise is a draw from p) with each request's own generator."""
-    logits = logits / batch.temperature[:, None]
+    # Less the row's largest first: a penalised logit may be as large as float32 allows, and
+    # dividing that by a temperature below 1 would overflow to inf (and the row's softmax to NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / batch.temperature[:, None]
     if batch.truncates:
         logits = apply_top_k_top_p(logits, batch)
     probs = torch.softmax(logits, dim=-1)
