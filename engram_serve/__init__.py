@@ -12,8 +12,12 @@ from engram_serve.kernels.cpu_target import prefer_wide_vectors  # noqa: E402
 
 prefer_wide_vectors()  # before any numba kernel compiles
 
-from engram_serve.engine.request import RequestOutput, SamplingParams  # noqa: E402
+from engram_serve.engine.request import (  # noqa: E402
+    RequestOutput,
+    SamplingParams,
+    StructuredOutputs,
+)
 from engram_serve.llm import LLM  # noqa: E402
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "StructuredOutputs"]
 __version__ = "0.1.0"

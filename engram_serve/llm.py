@@ -21,6 +21,7 @@ from engram_serve.device import CpuRuntime, DeviceRuntime, get_runtime
 from engram_serve.engine.engine import Engine, EngramRuntime
 from engram_serve.engine.request import RequestOutput, SamplingParams
 from engram_serve.engine.tokenizer import Tokenizer
+from engram_serve.engine.tool_calls import ToolUse
 from engram_serve.engram.compression import load_compression
 from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.engram.tables import open_table, read_engram_config, verify_tables
@@ -169,16 +170,31 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
     ) -> list[RequestOutput]:
+        """One RequestOutput per conversation (a list of OpenAI-shaped messages, or a list of
+        them). `tools`, `tool_choice`, `parallel_tool_calls`: as in OpenAI's chat completions
+        (engine/tool_calls.py); with tools offered, each CompletionOutput's `tool_calls` lists
+        the calls found in its text (else it is None). Raises ValueError for bad tools, or for a
+        forced call (tool_choice "required" or named) with `sampling_params.structured_outputs`
+        set."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        params = sampling_params or SamplingParams()
+        tool_use = ToolUse.from_openai(tools, tool_choice, parallel_tool_calls)
+        if tool_use is not None:
+            params = tool_use.constrain(params)
         tokenizer = self.engine.tokenizer
-        prompts = [
-            tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations
-        ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        prompts = [tokenizer.apply_chat_template(c, True, tool_use) for c in conversations]
+        outputs = self.generate(prompts, params, use_tqdm)
+        if tool_use is not None:
+            for completion in (output.outputs[0] for output in outputs):
+                completion.tool_calls = list(tool_use.parse(completion.text).tool_calls)
+        return outputs
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

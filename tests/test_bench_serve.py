@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_server_support import MODEL, ServeProcess, tiny_model_dir
+from test_server_support import MODEL, Scrape, ServeProcess, tiny_model_dir
 
 from engram_serve.bench import serve as bench
 from engram_serve.bench.serve import RequestResult
@@ -96,6 +96,19 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
     assert "[0, 100]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown metric 'latency'"):
         bench.parse_goodput(["latency:5"])
+    with pytest.raises(SystemExit):
+        bench.main(["--constrained-fraction", "0.5"])
+    assert "needs --constrained-body" in capsys.readouterr().err
+
+
+def test_a_constrained_share_is_spread_evenly():
+    requests = [bench.BenchRequest([1], 4, 1) for _ in range(10)]
+    body = {"guided_choice": ["yes", "no"]}
+    cases = ((0.0, []), (0.5, [1, 3, 5, 7, 9]), (0.3, [3, 6, 9]), (1.0, [*range(10)]))
+    for fraction, marked in cases:
+        constrained = bench.constrain(requests, fraction, body)
+        assert [i for i, r in enumerate(constrained) if r.extra == body] == marked, fraction
+        assert all(r.extra in ({}, body) for r in constrained)
 
 
 # -- against a live server ------------------------------------------------------------------------
@@ -142,6 +155,16 @@ def test_random_token_id_run(server, tmp_path):
         assert s[f"mean_{name}_ms"] > 0
         assert s[f"median_{name}_ms"] <= s[f"p90_{name}_ms"] <= s[f"p99_{name}_ms"]
     assert (tmp_path / "result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_constrained_share_reaches_the_server_as_structured_outputs(server, tmp_path):
+    before = Scrape(server.url)
+    s = _run(server, tmp_path, "--num-prompts", "6", "--input-len", "8", "--output-len", "8",
+             "--constrained-fraction", "0.5", "--constrained-body",
+             '{"guided_choice": ["yes", "no"]}', "--num-warmups", "0")  # fmt: skip
+    assert s["completed"] == 6 and s["constrained_fraction"] == 0.5
+    added = Scrape(server.url).delta(before, "engram_serve_structured_output_requests_total")
+    assert added == 3
 
 
 def test_failed_requests_are_counted_with_their_errors(server, tmp_path):

@@ -206,7 +206,10 @@ CASES = [
     Case("suffix", 400, r"suffix is not supported", _body(suffix="x"), param="suffix"),
     # routes
     Case("GET a POST route", 405, r"[Mm]ethod [Nn]ot [Aa]llowed", method="GET"),
-    Case("unknown route", 404, r"Not Found", {}, "/v1/embeddings"),
+    Case("unknown route", 404, r"no endpoint POST /v1/embeddings; this server has .*"
+         r"POST /v1/completions, POST /v1/chat/completions", {}, "/v1/embeddings"),
+    Case("the Responses API", 404, r"no endpoint POST /v1/responses; .*POST /v1/chat/completions",
+         {"model": "x", "input": "hi"}, "/v1/responses"),
 ]  # fmt: skip
 
 

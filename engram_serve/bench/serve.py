@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ class BenchRequest:
     prompt: str | list[int]
     max_tokens: int
     prompt_len: int | None  # known for token-id prompts; text prompts learn it from usage
+    extra: dict[str, Any] = field(default_factory=dict)  # body fields of this request alone
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Target:
     def body(self, request: BenchRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model, "stream": True, "stream_options": {"include_usage": True},
-            **self.sampling,
+            **self.sampling, **request.extra,
         }
         if self.endpoint == CHAT:
             body["messages"] = [{"role": "user", "content": request.prompt}]
@@ -511,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temperature", type=float, default=0.0)
     sampling.add_argument("--ignore-eos", action="store_true",
                           help="send ignore_eos (vLLM/engram-serve extension) for exact lengths")
+    sampling.add_argument("--constrained-body", type=json.loads, default={},
+                          help="JSON fields added to the constrained requests' bodies alone (a "
+                               "response_format, a guided_json, ...)")
+    sampling.add_argument("--constrained-fraction", type=float, default=0.0,
+                          help="the share of requests, spread evenly, that get --constrained-body")
     sampling.add_argument("--extra-body", type=json.loads, default={},
                           help="JSON object merged into every request body")
     report = parser.add_argument_group("report")
@@ -538,20 +544,36 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.request_rate <= 0 or args.burstiness <= 0:
         parser.error("--request-rate and --burstiness must be positive")
-    if not isinstance(args.extra_body, dict):
-        parser.error("--extra-body must be a JSON object")
+    if not isinstance(args.extra_body, dict) or not isinstance(args.constrained_body, dict):
+        parser.error("--extra-body and --constrained-body must be JSON objects")
+    if not 0.0 <= args.constrained_fraction <= 1.0:
+        parser.error("--constrained-fraction must be in [0, 1]")
+    if args.constrained_fraction > 0 and not args.constrained_body:
+        parser.error("--constrained-fraction needs --constrained-body")
 
 
 def load_requests(args: argparse.Namespace, rng: np.random.Generator) -> list[BenchRequest]:
     if args.dataset == "random":
-        return random_requests(args.num_prompts or 100, args.input_len, args.output_len,
-                               args.token_id_range, rng)
-    requests = file_requests(
-        args.dataset_path, args.dataset, args.num_prompts, args.output_len, rng
-    )
+        requests = random_requests(args.num_prompts or 100, args.input_len, args.output_len,
+                                   args.token_id_range, rng)  # fmt: skip
+    else:
+        requests = file_requests(
+            args.dataset_path, args.dataset, args.num_prompts, args.output_len, rng
+        )
     if args.endpoint == CHAT and any(isinstance(r.prompt, list) for r in requests):
         raise SystemExit(f"{args.dataset_path}: token-id prompts need --endpoint {COMPLETIONS}")
-    return requests
+    return constrain(requests, args.constrained_fraction, args.constrained_body)
+
+
+def constrain(
+    requests: list[BenchRequest], fraction: float, body: dict[str, Any]
+) -> list[BenchRequest]:
+    """Request i gets `body` where floor((i + 1) f) > floor(i f): round(n f) of n, spread evenly
+    (f = 0.5: every second one), so constrained and free requests share the same load."""
+    return [
+        replace(r, extra=body) if math.floor((i + 1) * fraction) > math.floor(i * fraction) else r
+        for i, r in enumerate(requests)
+    ]
 
 
 def first_model(base_url: str, headers: dict[str, str]) -> str:
@@ -608,6 +630,8 @@ def _settings(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
         "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
         "sampling": target.sampling,
+        "constrained_fraction": args.constrained_fraction,
+        "constrained_body": args.constrained_body,
     }
 
 

@@ -24,6 +24,7 @@ from engram_serve.engine.output import OutputTracker
 from engram_serve.engine.request import Request, RequestOutput, SamplingParams
 from engram_serve.engine.sampler import SampleOutput, Sampler
 from engram_serve.engine.scheduler import QueueFullError, ScheduledBatch, Scheduler
+from engram_serve.engine.structured import GrammarCompiler, advance
 from engram_serve.engine.tokenizer import Tokenizer
 from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.model.batch import AttentionMetadata, ForwardBatch, RowHandle
@@ -87,6 +88,7 @@ class Engine:
         )
         self.inputs = Uploader(self.runtime, np.int64)
         self.sampler = Sampler(self.runtime)
+        self.grammars = GrammarCompiler(tokenizer, model_config.vocab_size)
         self.scheduler = Scheduler(config, self.blocks)
         self.trackers: dict[str, OutputTracker] = {}
         self.stats = StepStats()
@@ -120,8 +122,10 @@ class Engine:
         request_id: str | None = None,
         prompt: str | None = None,
     ) -> Request:
-        """Queue a request. Raises RequestTooLongError, ValueError (bad token ids) or
-        QueueFullError; nothing is queued then."""
+        """Queue a request. Raises RequestTooLongError, ValueError (bad token ids, a structured
+        output that does not compile) or QueueFullError; nothing is queued then. A structured
+        output's grammar is compiled here unless it is in the compiler's cache already (the
+        server compiles it beforehand, in a worker thread: engine/structured.py)."""
         self._check_prompt(prompt_token_ids, sampling)
         request = Request(
             request_id=request_id if request_id is not None else f"req-{next(self._request_ids)}",
@@ -133,6 +137,8 @@ class Engine:
         )
         if request.request_id in self.trackers:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if sampling.structured_outputs is not None:
+            request.grammar = self.grammars.matcher(sampling.structured_outputs)
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**62))
         request.generator = self.runtime.generator(seed)
         self.scheduler.add(request)
@@ -318,6 +324,9 @@ class Engine:
             request.metrics.first_token_time = request.metrics.first_token_time or now
             request.metrics.last_token_time = now
             finish = self.trackers[request.request_id].append(token_id, logprobs)
+            if request.grammar is not None and advance(request, token_id):
+                # The grammar has ended (it took EOS): the output is whole, even at max_tokens.
+                finish = finish if finish is not None and finish[0] == "stop" else ("stop", None)
             if finish is not None:
                 self.scheduler.running.remove(request)
                 self.scheduler.finish(request, *finish)

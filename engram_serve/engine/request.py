@@ -3,10 +3,78 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import xgrammar
+
+    from engram_serve.engine.tool_calls import ToolCall
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output, shaped like vLLM's StructuredOutputsParams: exactly one of
+
+        json         a JSON schema (a dict, or its JSON text): the output is an instance of it
+        json_object  True: the output is a JSON object, any
+        regex        the output matches this regular expression in full
+        choice       the output is one of these strings
+        grammar      the output is a sentence of this EBNF (GBNF) grammar, from rule `root`
+
+    any_whitespace: False holds JSON (json, json_object) to the compact form json.dumps writes,
+    `{"a": [1, 2]}`, with no other whitespace between tokens: a sampled model may otherwise pad
+    it with whitespace for many tokens (forced tool calls use it: engine/tool_calls.py).
+
+    Only what can be checked without the tokenizer is checked here; a schema, regex or grammar
+    that does not compile is a ValueError when the request is added (engine/structured.py)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    any_whitespace: bool = True
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    def __post_init__(self) -> None:
+        if self.choice is not None and not isinstance(self.choice, str):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for problem in self._problems():
+            raise ValueError(problem)
+
+    def _problems(self):
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            got = " and ".join(given) or "none"
+            yield f"structured_outputs needs exactly one of {', '.join(self.KINDS)}; got {got}"
+            return
+        kind, value = given[0], getattr(self, given[0])
+        if kind == "json" and isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError as e:
+                yield f"structured_outputs.json is not valid JSON: {e}"
+        elif kind == "json" and not isinstance(value, dict):
+            yield "structured_outputs.json must be a JSON schema: an object or its JSON text"
+        elif kind == "json_object" and value is not True:
+            yield "structured_outputs.json_object must be true or false"
+        elif kind == "choice" and (
+            isinstance(value, str) or not value or not all(isinstance(c, str) for c in value)
+        ):
+            yield "structured_outputs.choice must be a non-empty list of strings"
+        elif kind in ("regex", "grammar") and not isinstance(value, str):
+            yield f"structured_outputs.{kind} must be a string"
+
+    @property
+    def kind(self) -> str:
+        """Which of KINDS is set (a metric label, and how the grammar is compiled)."""
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
 
 
 @dataclass(frozen=True)
@@ -29,6 +97,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the sampled token's plus the top k
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # None: unconstrained
 
     MAX_LOGPROBS = 20
     MAX_STOP_STRINGS = 64
@@ -72,6 +141,9 @@ class SamplingParams:
             yield f"at most {self.MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
         if any(not s for s in self.stop):
             yield "stop strings must not be empty"
+        if self.structured_outputs is not None and self.min_tokens > 0:
+            # Below min_tokens EOS is banned, while a complete output allows nothing but EOS.
+            yield "min_tokens must be 0 with structured_outputs: the grammar says where it ends"
 
     @property
     def is_greedy(self) -> bool:
@@ -107,6 +179,9 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or stop token that matched
     logprobs: list[dict[int, Logprob]] | None = None
+    # LLM.chat with tools: the calls found in `text` (which holds the whole reply, calls
+    # included); None when no tools were offered.
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass
@@ -153,6 +228,9 @@ class Request:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     generator: torch.Generator | None = None
+    # Where the output is in its grammar (structured outputs): advanced by each sampled token,
+    # never by a recomputed one, so a preempted request resumes where it stopped.
+    grammar: xgrammar.GrammarMatcher | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     @property

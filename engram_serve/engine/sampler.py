@@ -1,14 +1,16 @@
 """Sampling on tensors: one row of logits per request that samples this step.
 
-Order: penalties -> min_tokens mask -> (logprobs of the raw logits) -> greedy argmax, or
-temperature -> top-k -> top-p -> min-p -> a draw from the request's own generator. Each request
-draws its noise from its own seeded generator, so a seeded request samples the same tokens
-whether it runs alone or in any batch.
+Order: grammar bitmask (structured outputs) -> penalties -> min_tokens mask -> (logprobs of the
+raw logits) -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> a draw from the
+request's own generator. Each request draws its noise from its own seeded generator, so a seeded
+request samples the same tokens whether it runs alone or in any batch.
 
 Device discipline (CUDA): the requests' parameters are gathered on the host and reach the device
-in one upload per dtype (engine/uploads.py); which steps run is decided on the host from the
-parameters, never by reading a device value; the sampled ids, with every logprob asked for,
-come back in one download: the step's only synchronisation.
+in one upload per dtype (engine/uploads.py); the grammar bitmask too is filled on the host
+(engine/structured.py) and goes up in one upload, only in a step with a constrained request;
+which steps run is decided on the host from the parameters, never by reading a device value; the
+sampled ids, with every logprob asked for, come back in one download: the step's only
+synchronisation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from engram_serve.device import CpuRuntime, DeviceRuntime
 from engram_serve.engine.request import Logprob, Request
+from engram_serve.engine.structured import apply_token_bitmask, grammar_bitmask
 from engram_serve.offload.uploads import Uploader
 
 # Logprobs of impossible tokens are reported as this finite floor (JSON has no -inf), as vLLM does.
@@ -53,17 +56,20 @@ class SamplingBatch:
     truncates: bool  # some random row has top-k or top-p
     has_min_p: bool
     max_logprobs: int | None  # the largest k asked for; None: no logprobs
+    bitmask: torch.Tensor | None  # [S, ceil(V/32)] int32 the grammars allow; None: no grammar
+    constrained_rows: list[int]  # rows with a grammar
 
     @classmethod
     def build(
         cls,
         requests: list[Request],
         vocab_size: int,
-        uploads: tuple[Uploader, Uploader] | None = None,
+        uploads: tuple[Uploader, Uploader, Uploader] | None = None,
     ) -> SamplingBatch:
-        """`uploads`: (float32, int64) uploaders of the device; None: CPU tensors."""
-        floats, ints = uploads or (Uploader(CpuRuntime(), np.float32),
-                                   Uploader(CpuRuntime(), np.int64))  # fmt: skip
+        """`uploads`: (float32, int64, int32) uploaders of the device; None: CPU tensors."""
+        floats, ints, words = uploads or tuple(
+            Uploader(CpuRuntime(), dtype) for dtype in (np.float32, np.int64, np.int32)
+        )
         params = [r.sampling for r in requests]
         random = [i for i, p in enumerate(params) if not p.is_greedy]
         rand = [params[i] for i in random]
@@ -83,12 +89,18 @@ class SamplingBatch:
             _pairs([r.prompt_token_ids if r.sampling.has_penalties else () for r in requests]),
             _pairs([_banned(r) for r in requests]),
         ])  # fmt: skip
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+        bitmask = None
+        if constrained:  # a batch without a grammar makes no bitmask
+            (bitmask,) = words.upload([grammar_bitmask(requests, constrained, vocab_size)])
         return cls(
             requests, [requests[i].generator for i in random], random_rows, temperature,
             top_k, top_p, min_p, penalties, output_tokens, prompt_tokens, banned, has_penalties,
             truncates=any(p.top_p < 1.0 or 0 < p.top_k < vocab_size for p in rand),
             has_min_p=any(p.min_p > 0 for p in rand),
             max_logprobs=max(logprobs) if logprobs else None,
+            bitmask=bitmask,
+            constrained_rows=constrained,
         )  # fmt: skip
 
 
@@ -115,7 +127,7 @@ class Sampler:
 
     def __init__(self, runtime: DeviceRuntime) -> None:
         self.runtime = runtime
-        self.uploads = (Uploader(runtime, np.float32), Uploader(runtime, np.int64))
+        self.uploads = tuple(Uploader(runtime, t) for t in (np.float32, np.int64, np.int32))
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
         """logits [S, V], one row per request in `requests`."""
@@ -165,6 +177,8 @@ def sample_on_device(
     """-> token ids [S] int64 and, if any request asked, logprob rows [S, 2 + 2k] float64
     (chosen, rank, top-k values, top-k ids), all on the device."""
     logits = logits.float()
+    if batch.bitmask is not None:  # first: nothing after it can make a forbidden token likely
+        logits = apply_token_bitmask(logits, batch.bitmask, batch.constrained_rows)
     if batch.has_penalties:
         # Extreme penalties can overflow a logit; keep every value a number.
         logits = apply_penalties(logits, batch).nan_to_num(posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engram_serve.engine.tool_calls import ToolUse, chat_inputs, template_reads_tools
+
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for bytes that are not (yet) a whole character
 PREFIX_CONTEXT = 5  # prompt tokens decoded before the first output token, for its leading space
 
@@ -67,25 +69,39 @@ class Tokenizer:
             ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
+    @property
+    def chat_template_reads_tools(self) -> bool:
+        """Whether the chat template renders tools itself (engine/tool_calls.py). Of a set of
+        named templates, the one a request with tools gets ("tool_use", else "default")."""
+        return template_reads_tools(self._tok.get_chat_template(tools=[]))
+
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tool_use: ToolUse | None = None,
     ) -> str:
-        """The chat template applied to `messages`, as text."""
+        """The chat template applied to OpenAI-shaped `messages` (tool calls and results among
+        them), as text, with the tools of `tool_use` offered."""
         if not self.has_chat_template:
             raise ValueError(
                 f"the tokenizer in {self.model_dir} has no chat template; "
                 "use the completions API with a plain prompt instead"
             )
+        messages, tools = chat_inputs(messages, tool_use, self.chat_template_reads_tools)
         return self._tok.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
         )
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tool_use: ToolUse | None = None,
     ) -> list[int]:
         """Token ids of the rendered chat. The template writes its own special tokens (BOS,
         turn markers), so none are added on top."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tool_use), False)
 
 
 class IncrementalDetokenizer:

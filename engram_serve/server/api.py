@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import engram_serve
 from engram_serve.config import ServerConfig
 from engram_serve.engine.engine import Engine
-from engram_serve.engine.request import RequestOutput
+from engram_serve.engine.request import RequestOutput, StructuredOutputs
 from engram_serve.engine.scheduler import QueueFullError
 from engram_serve.server import protocol as p
 from engram_serve.server.async_engine import (
@@ -165,7 +165,7 @@ async def create_completion(body: p.CompletionRequest, request: Request) -> Resp
         for i, prompt in enumerate(prompts)
         for j, params in enumerate(sampling)
     ]
-    generation = await _generate(state, requests)
+    generation = await _generate(state, body, requests)
     reply = dict(id=base_id, model=state.model_name, created=int(time.time()))
     if body.stream:
         return SSEResponse(completion_events(body, generation, reply), generation)
@@ -188,19 +188,25 @@ async def create_completion(body: p.CompletionRequest, request: Request) -> Resp
 async def create_chat_completion(body: p.ChatCompletionRequest, request: Request) -> Response:
     state = _state(request)
     _check(body, state)
-    messages = [m.template_dict() for m in body.messages]
-    prompt = PromptInput(messages=messages, add_generation_prompt=body.add_generation_prompt)
+    tool_use = body.tool_use()
+    prompt = PromptInput(
+        messages=[m.template_dict() for m in body.messages],
+        add_generation_prompt=body.add_generation_prompt,
+        tool_use=tool_use,
+    )
     sampling = body.sampling_params(body.max_output_tokens, body.num_logprobs, state.vocab_size)
     base_id = p.random_id("chatcmpl")
     requests = [EngineRequest(f"{base_id}-{j}", prompt, s) for j, s in enumerate(sampling)]
-    generation = await _generate(state, requests)
+    generation = await _generate(state, body, requests)
     reply = dict(id=base_id, model=state.model_name, created=int(time.time()))
     if body.stream:
-        return SSEResponse(chat_events(body, generation, reply), generation)
+        return SSEResponse(chat_events(body, tool_use, generation, reply), generation)
 
     async def complete() -> Response:
         outputs = await _final_outputs(generation)
-        choices = [p.chat_choice(i, out, body.num_logprobs) for i, out in enumerate(outputs)]
+        choices = [
+            p.chat_choice(i, out, body.num_logprobs, tool_use) for i, out in enumerate(outputs)
+        ]
         usage = p.usage_of_outputs(outputs, body.n)
         return _json(p.ChatCompletionResponse(**reply, choices=choices, usage=usage))
 
@@ -219,15 +225,33 @@ def _prompt_input(prompt: str | list[int], echo: bool) -> PromptInput:
     return PromptInput(token_ids=list(prompt), want_text=echo)
 
 
-async def _generate(state: ServerState, requests: list[EngineRequest]) -> Generation:
+async def _generate(
+    state: ServerState, body: p.SamplingRequest, requests: list[EngineRequest]
+) -> Generation:
+    spec = requests[0].sampling.structured_outputs  # every choice of a body shares it
+    compile_s = await _compile_grammar(state, body, spec) if spec is not None else 0.0
     try:
-        return await state.engine.generate(requests)
+        generation = await state.engine.generate(requests)
     except QueueFullError as e:
         raise p.APIError(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from e
     except (ShuttingDownError, EngineDeadError) as e:
         raise p.APIError(503, str(e)) from e
     except ValueError as e:  # bad token ids, empty prompt, context too long, template errors
         raise p.APIError(400, str(e)) from e
+    if spec is not None:
+        state.metrics.observe_structured(spec.kind, len(requests), compile_s)
+    return generation
+
+
+async def _compile_grammar(
+    state: ServerState, body: p.SamplingRequest, spec: StructuredOutputs
+) -> float:
+    """Compile in a worker thread before the engine sees the request (engine/structured.py).
+    -> seconds. A schema, regex or grammar that does not compile is a 400 naming its field."""
+    try:
+        return await state.engine.compile_grammar(spec)
+    except ValueError as e:
+        raise p.APIError(400, str(e), next(iter(body.constraints()))) from e
 
 
 async def _final_outputs(generation: Generation) -> list[RequestOutput]:

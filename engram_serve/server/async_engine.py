@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Any, TypeVar
 from jinja2 import TemplateError
 
 from engram_serve.engine.engine import Engine
-from engram_serve.engine.request import RequestOutput, SamplingParams
+from engram_serve.engine.request import RequestOutput, SamplingParams, StructuredOutputs
+from engram_serve.engine.tool_calls import ToolUse
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +49,10 @@ class PromptInput:
 
     token_ids: list[int] | None = None
     text: str | None = None
-    messages: list[dict[str, str]] | None = None  # rendered through the chat template
+    messages: list[dict[str, Any]] | None = None  # rendered through the chat template
     add_special_tokens: bool = True  # for text (a chat template writes its own)
     add_generation_prompt: bool = True  # for messages
+    tool_use: ToolUse | None = None  # the tools the messages offer
     want_text: bool = False  # decode token ids into RequestOutput.prompt (for echo)
 
 
@@ -171,6 +174,19 @@ class AsyncEngine:
             raise
         return generation
 
+    async def compile_grammar(self, spec: StructuredOutputs) -> float:
+        """Compile a structured output's grammar in a worker thread, into the engine's grammar
+        cache, where `Engine.add_request` then finds it: the engine thread never compiles. The
+        compiler is thread-safe and shares nothing else with the engine. -> the seconds it took.
+        Raises ValueError for a schema, regex or grammar that does not compile."""
+
+        def compile_timed() -> float:
+            start = time.perf_counter()
+            self.engine.grammars.compile(spec)
+            return time.perf_counter() - start
+
+        return await asyncio.to_thread(compile_timed)
+
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) on the engine thread between steps (tokenizing, for instance)."""
         future: Future[T] = Future()
@@ -254,7 +270,9 @@ class AsyncEngine:
             return list(prompt.token_ids)
         if prompt.messages is not None:
             try:
-                return tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt)
+                return tokenizer.apply_chat_template(
+                    prompt.messages, prompt.add_generation_prompt, prompt.tool_use
+                )
             except TemplateError as e:  # e.g. roles that do not alternate
                 raise ValueError(f"the chat template failed: {e}") from e
         return tokenizer.encode(prompt.text or "", prompt.add_special_tokens)
@@ -309,8 +327,10 @@ class AsyncEngine:
         """Stop taking commands; fail those queued and every open generation."""
         with self._lock:
             self._error = error
-        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
-            f"the engine has stopped: {error!r}"
+        dead = (
+            error
+            if isinstance(error, EngineDeadError)
+            else EngineDeadError(f"the engine has stopped: {error!r}")
         )
         while True:
             try:
@@ -328,4 +348,3 @@ class AsyncEngine:
 def _deliver_all(deliveries: list[tuple[Generation, Any]]) -> None:
     for generation, item in deliveries:
         generation._deliver(item)
-

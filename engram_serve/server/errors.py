@@ -2,7 +2,8 @@
 
 The app's exception handlers answer with it for an APIError, a validation error (a 400, never
 FastAPI's 422, and the OpenAPI schema says so), an HTTP error and any unhandled exception;
-`raise_if_failed` turns a request the engine aborted or failed into an APIError.
+`raise_if_failed` turns a request the engine aborted or failed into an APIError. A 404 lists the
+endpoints that do exist (OpenAI's /v1/responses, for one, is not served: chat completions is).
 """
 
 from __future__ import annotations
@@ -67,7 +68,15 @@ def _field_problem(errors: list[dict[str, Any]]) -> tuple[tuple[str, ...], str]:
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
-    error = p.APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    message = str(exc.detail)
+    if exc.status_code == 404:  # the endpoints as the OpenAPI schema lists them
+        endpoints = ", ".join(
+            f"{method.upper()} {path}"
+            for path, operations in request.app.openapi()["paths"].items()
+            for method in operations
+        )
+        message = f"no endpoint {request.method} {request.url.path}; this server has {endpoints}"
+    error = p.APIError(exc.status_code, message, headers=getattr(exc, "headers", None))
     return error_response(error)
 
 

@@ -3,7 +3,9 @@ stats log line.
 
 Everything is updated on the engine thread by `ServerMetrics.observe` (after each step, each batch
 of commands, and on idle wake-ups), so values that live in objects only that thread may touch
-(the scheduler, the prefetcher's counters) are read safely. Cumulative engine counters become
+(the scheduler, the prefetcher's counters) are read safely. The structured-output metrics are the
+exception: the route that compiled a request's grammar updates them (`observe_structured`;
+prometheus_client's metrics are thread-safe). Cumulative engine counters become
 Prometheus counters by adding what changed since the previous call.
 
 With several worker processes, set PROMETHEUS_MULTIPROC_DIR (to an empty directory) before the
@@ -30,7 +32,7 @@ from prometheus_client import (
 )
 
 from engram_serve.engine.engine import Engine
-from engram_serve.engine.request import RequestOutput
+from engram_serve.engine.request import RequestOutput, StructuredOutputs
 
 logger = logging.getLogger("engram_serve.stats")
 
@@ -44,6 +46,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+COMPILE_BUCKETS = (1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0)  # fmt: skip
 STALL_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                  2.5, 10.0)  # fmt: skip
 
@@ -136,15 +140,33 @@ class ServerMetrics:
         self.generation_len = histogram(
             "request_generation_tokens", "Generated tokens per request.", lengths
         )
+        self.structured_requests = counter(
+            "structured_output_requests",
+            "Requests with a structured output (engine requests: n per prompt), by kind.",
+            ("kind",),
+        )
+        self.grammar_compile = histogram(
+            "structured_output_compile_seconds",
+            "Seconds a request's grammar took to compile (a cached one: microseconds).",
+            COMPILE_BUCKETS,
+        )
         # Every series exists from the start, at 0: a dashboard shows 0 rather than "no data".
         for metric in (
             self.num_running, self.num_waiting, self.kv_usage, self.prompt_tokens,
             self.generation_tokens, self.preemptions, self.read_errors, self.ttft, self.itl,
             self.e2e, self.queue_time, self.prompt_len, self.generation_len,
+            self.grammar_compile,
         ):  # fmt: skip
             metric.labels(**self.labels)
         for reason in FINISH_REASONS:
             self.request_success.labels(**self.labels, finished_reason=reason)
+        for kind in StructuredOutputs.KINDS:
+            self.structured_requests.labels(**self.labels, kind=kind)
+
+    def observe_structured(self, kind: str, num_requests: int, compile_s: float) -> None:
+        """Engine requests added with a structured output of `kind`, and its compile time."""
+        self.structured_requests.labels(**self.labels, kind=kind).inc(num_requests)
+        self.grammar_compile.labels(**self.labels).observe(compile_s)
 
     # -- called on the engine thread ------------------------------------------------------------
 

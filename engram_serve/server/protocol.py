@@ -4,19 +4,33 @@ nouns: request -> SamplingParams, RequestOutput -> choices, logprobs, usage, err
 Requests accept unknown fields (they are logged and ignored, as vLLM does). Values the engine
 validates itself (temperature, top_p, penalties, ...) are checked by SamplingParams, so the
 ranges live in one place; the limits below are the server's own.
+
+Structured outputs are never ignored: OpenAI's `response_format` and vLLM's `guided_json`,
+`guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs` all map to
+SamplingParams.structured_outputs, and a request that sets more than one of them is refused.
+A chat's `tool_choice` "required" or named counts as one (it forces a call with a grammar:
+engine/tool_calls.py, which also renders the tools and parses the calls).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
-from engram_serve.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from engram_serve.engine.request import (
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+    SamplingParams,
+    StructuredOutputs,
+)
+from engram_serve.engine.tool_calls import ParsedReply, ToolCall, ToolsError, ToolUse
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +48,6 @@ GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (dividing by ~0 over
 # OpenAI's documented value ranges, published in the schema (SamplingParams checks them too).
 MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0  # presence/frequency in [-2, 2], repetition in (0, 2]
-
 
 
 def _not_bool(value: Any) -> Any:
@@ -109,8 +122,88 @@ class StreamOptions(OpenAIRequest):
     include_usage: bool = True
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema. `strict` or not, the schema is enforced."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint. Unknown keys are refused: each of
+    vLLM's others (structural_tag, whitespace_pattern, ...) would change the output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+GUIDED_FIELDS = {  # vLLM's guided_* field -> its StructuredOutputs kind
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
+# Fields of OpenAI's or vLLM's request that change what is generated or returned and that
+# engram-serve does not implement, each with the values that ask for nothing (their defaults
+# there): any other value is a 400 naming the field, never silently dropped. Both endpoints
+# refuse these; each endpoint adds its own (`unsupported_fields`).
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "moderation": (None,),
+    "store": (None, False),  # nothing is stored for later retrieval
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "include_stop_str_in_output": (None, False),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,),
+    "prompt_logprobs": (None,),
+    "bad_words": (None, []),
+    "structural_tag": (None,),
+    "guided_decoding_backend": (None, "xgrammar", "auto"),
+    "guided_whitespace_pattern": (None,),
+    "priority": (None, 0),
+    "request_id": (None,),  # the response's id is the server's own
+    "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "return_token_ids": (None, False),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+}
+# Fields accepted that concern billing, storage or caching, not what is generated.
+NO_EFFECT_FIELDS = frozenset({
+    "metadata", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+    "prompt_cache_options", "safety_identifier", "cache_salt",
+})  # fmt: skip
+
+
 class SamplingRequest(OpenAIRequest):
     """Fields both completions and chat share: OpenAI's and vLLM's sampling extras."""
+
+    unsupported_fields: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_FIELDS
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -129,8 +222,14 @@ class SamplingRequest(OpenAIRequest):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: leave empty")
     user: str | None = None
+    # Structured outputs: at most one of these.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     def check(self) -> None:
         """Cross-field rules pydantic's types cannot express."""
@@ -138,12 +237,53 @@ class SamplingRequest(OpenAIRequest):
             raise APIError(
                 400, "Stream options can only be defined when `stream=True`.", "stream_options"
             )
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        for name, value in (self.model_extra or {}).items():
+            if name in self.unsupported_fields and value not in self.unsupported_fields[name]:
+                raise APIError(400, f"{name} is not supported", name)
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def constraints(self) -> dict[str, dict[str, Any]]:
+        """Each field that asks for a structured output, by name, with the StructuredOutputs
+        arguments it asks for."""
+        found: dict[str, dict[str, Any]] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found["response_format"] = {"json_object": True}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise APIError(
+                    400, "response_format of type json_schema needs json_schema.schema",
+                    "response_format",
+                )  # fmt: skip
+            found["response_format"] = {"json": fmt.json_schema.json_schema}
+        for field, kind in GUIDED_FIELDS.items():
+            if getattr(self, field) is not None:
+                found[field] = {kind: getattr(self, field)}
+        if self.structured_outputs is not None:
+            found["structured_outputs"] = self.structured_outputs.model_dump(
+                by_alias=True, exclude_none=True
+            )
+        return found
+
+    def _structured_outputs(self) -> StructuredOutputs | None:
+        """The one constraint asked for, or None. Raises APIError (400) for more than one."""
+        found = self.constraints()
+        if not found:
+            return None
+        if len(found) > 1:
+            raise APIError(
+                400, f"give at most one structured output constraint; got {', '.join(found)}",
+                next(iter(found)),
+            )  # fmt: skip
+        ((field, arguments),) = found.items()
+        try:
+            return StructuredOutputs(**arguments)
+        except ValueError as e:  # its messages name structured_outputs' own fields
+            message = str(e) if field == "structured_outputs" else f"{field}: {e}"
+            raise APIError(400, message, field) from e
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, vocab_size: int
@@ -173,6 +313,7 @@ class SamplingRequest(OpenAIRequest):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self._structured_outputs(),
         )
         seeds = [None if self.seed is None else (self.seed + i) % SEED_SPACE for i in range(self.n)]
         try:
@@ -183,16 +324,20 @@ class SamplingRequest(OpenAIRequest):
 
 
 class CompletionRequest(SamplingRequest):
+    unsupported_fields: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **UNSUPPORTED_FIELDS,
+        "suffix": (None, ""),
+        "add_special_tokens": (True,),  # a text prompt always gets the tokenizer's special tokens
+        "prompt_embeds": (None,),
+    }
+
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = None
 
     def check(self) -> None:
         super().check()
-        if self.suffix:
-            raise APIError(400, "suffix is not supported", "suffix")
         if self.echo and self.logprobs is not None:
             raise APIError(
                 400, "echo with logprobs needs prompt logprobs, which are not computed", "echo"
@@ -219,28 +364,92 @@ class ContentPart(OpenAIRequest):
     text: str | None = None
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(description="1-64 letters, digits, _ or -")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of an object")
+    strict: bool | None = Field(None, description="a forced call follows the schema either way")
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class ToolCallInfo(BaseModel):
+    """A call: in a response's message, and in an assistant message sent back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCallInfo):
+    index: int
+
+
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallInfo] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    def template_dict(self) -> dict[str, str]:
-        """What chat templates expect: role and text content."""
+    def template_dict(self) -> dict[str, Any]:
+        """What chat templates expect: role and text content; an assistant's calls; a tool
+        result's call id and function name."""
         content = self.content
         if isinstance(content, list):
             if any(p.type != "text" or p.text is None for p in content):
                 raise APIError(400, "only text content parts are supported", "messages")
             content = "".join(p.text for p in content)
-        return {"role": self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            message |= {"tool_call_id": self.tool_call_id, "name": self.name}
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
+    unsupported_fields: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **UNSUPPORTED_FIELDS,
+        "functions": (None,),  # the deprecated form of tools
+        "function_call": (None,),
+        "add_special_tokens": (False,),  # the chat template writes the special tokens
+        "echo": (None, False),
+        "continue_final_message": (None, False),
+        "documents": (None,),
+        "chat_template": (None,),
+        "chat_template_kwargs": (None, {}),
+        "mm_processor_kwargs": (None,),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='default: "auto" with tools'
+    )
+    parallel_tool_calls: bool = True
 
     def check(self) -> None:
         super().check()
@@ -248,6 +457,28 @@ class ChatCompletionRequest(SamplingRequest):
             raise APIError(
                 400, "when using `top_logprobs`, `logprobs` must be set to true", "top_logprobs"
             )
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools offered and how the reply may use them; None for a plain chat. Raises
+        APIError (400) for bad tools or a tool_choice that names no tool."""
+        choice = self.tool_choice
+        try:
+            return ToolUse.from_openai(
+                [tool.model_dump(exclude_none=True) for tool in self.tools or ()],
+                choice.model_dump() if isinstance(choice, BaseModel) else choice,
+                self.parallel_tool_calls,
+            )
+        except ToolsError as e:
+            raise APIError(400, str(e), e.param) from e
+
+    def constraints(self) -> dict[str, dict[str, Any]]:
+        """The structured output fields, and a tool_choice that forces a call."""
+        found = super().constraints()
+        tool_use = self.tool_use()
+        spec = tool_use.structured_outputs() if tool_use is not None else None
+        if spec is not None:
+            found["tool_choice"] = {"json": spec.json, "any_whitespace": spec.any_whitespace}
+        return found
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -329,6 +560,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallInfo] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -336,6 +568,7 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
@@ -495,15 +728,37 @@ def completion_choice(
     )
 
 
-def chat_choice(index: int, output: RequestOutput, num_logprobs: int | None) -> ChatChoice:
+def chat_choice(
+    index: int, output: RequestOutput, num_logprobs: int | None, tool_use: ToolUse | None
+) -> ChatChoice:
     completion = output.outputs[0]
     logprobs = None
     if num_logprobs is not None:
         logprobs = chat_logprobs(completion.token_ids, completion.logprobs or [], num_logprobs)
+    text = completion.text
+    reply = tool_use.parse(text) if tool_use is not None else ParsedReply(text)
+    calls = [tool_call_info(call) for call in reply.tool_calls]
     return ChatChoice(
         index=index,
-        message=ChatResponseMessage(content=completion.text),
+        message=ChatResponseMessage(
+            content=content_beside(reply.content, calls), tool_calls=calls or None
+        ),
         logprobs=logprobs,
-        finish_reason=completion.finish_reason,
+        finish_reason=finish_reason_of(completion, calls),
         stop_reason=completion.stop_reason,
     )
+
+
+def tool_call_info(call: ToolCall) -> ToolCallInfo:
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    return ToolCallInfo(id=call.id, function=FunctionCall(name=call.name, arguments=arguments))
+
+
+def content_beside(content: str, calls: list[Any]) -> str | None:
+    """A message's content: None (not "") where there are calls and no text beside them."""
+    return None if calls and not content else content
+
+
+def finish_reason_of(completion: CompletionOutput, calls: list[Any]) -> str | None:
+    """A reply that holds calls ends with "tool_calls", however the engine ended it."""
+    return "tool_calls" if calls else completion.finish_reason

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from engram_serve.engine.request import RequestOutput
+from engram_serve.engine.tool_calls import ToolUse
 from engram_serve.server import protocol as p
 from engram_serve.server.async_engine import EngineDeadError, Generation
 from engram_serve.server.errors import raise_if_failed
@@ -60,14 +61,21 @@ def completion_events(
 
 
 def chat_events(
-    body: p.ChatCompletionRequest, generation: Generation, reply: dict[str, Any]
+    body: p.ChatCompletionRequest,
+    tool_use: ToolUse | None,
+    generation: Generation,
+    reply: dict[str, Any],
 ) -> AsyncIterator[str]:
+    """With tools, each choice's text goes through a ToolCallStream (engine/tool_calls.py):
+    content streams except what may start a call; the calls come in the last delta."""
+
     def choice_chunk(choice: p.ChatStreamChoice) -> BaseModel:
         return p.ChatCompletionChunk(**reply, choices=[choice])
 
     # The first chunk of every choice carries the role, before any token is ready.
     role = p.DeltaMessage(role="assistant", content="")
     opening = [choice_chunk(p.ChatStreamChoice(index=i, delta=role)) for i in range(body.n)]
+    streams = [tool_use.stream() for _ in range(body.n)] if tool_use is not None else None
 
     def chunk(index: int, output: RequestOutput) -> BaseModel | None:
         logprobs = None
@@ -75,16 +83,26 @@ def chat_events(
             logprobs = p.chat_logprobs(
                 output.delta_token_ids, output.delta_logprobs or [], body.num_logprobs
             )
-        if not (output.delta_text or logprobs or output.finished):
+        text, calls = output.delta_text, []
+        if streams is not None:
+            text = streams[index].feed(text)
+            if output.finished:
+                rest = streams[index].finish()
+                calls = [
+                    p.DeltaToolCall(index=i, **p.tool_call_info(call).model_dump())
+                    for i, call in enumerate(rest.tool_calls)
+                ]
+                text += rest.content
+        if not (text or logprobs or output.finished):
             return None
         done = output.outputs[0] if output.finished else None
-        delta = p.DeltaMessage(content=output.delta_text or None)
+        delta = p.DeltaMessage(content=text or None, tool_calls=calls or None)
         return choice_chunk(
             p.ChatStreamChoice(
                 index=index,
                 delta=delta,
                 logprobs=logprobs,
-                finish_reason=done and done.finish_reason,
+                finish_reason=done and p.finish_reason_of(done, calls),
                 stop_reason=done and done.stop_reason,
             )
         )
