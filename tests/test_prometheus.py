@@ -13,15 +13,13 @@ import pytest
 from test_server_support import (
     engram_columns,
     free_port,
+    in_process_server,
     sse_data,
     table_file_bytes,
     wait_for,
 )
 
-from engram_serve.config import EngineConfig, ServerConfig
-from engram_serve.llm import build_engine
-from engram_serve.server.api import build_app
-from engram_serve.server.process import BackgroundServer
+from engram_serve.config import EngineConfig
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -45,8 +43,7 @@ scrape_configs:
 @pytest.fixture(scope="module")
 def server(default_model_dir):
     config = EngineConfig(max_num_seqs=4, kv_cache_bytes=128 << 20, max_model_len=512)
-    app = build_app(build_engine(default_model_dir, config), ServerConfig(served_model_name=MODEL))
-    with BackgroundServer(app) as running:
+    with in_process_server(default_model_dir, config, served_model_name=MODEL) as running:
         yield running
 
 

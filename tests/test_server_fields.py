@@ -23,12 +23,10 @@ import httpx
 import pytest
 from openai.types import completion_create_params as completions_params
 from openai.types.chat import completion_create_params as chat_params
+from test_server_support import in_process_server
 
-from engram_serve.config import EngineConfig, ServerConfig
-from engram_serve.llm import build_engine
+from engram_serve.config import EngineConfig
 from engram_serve.server import protocol as p
-from engram_serve.server.api import build_app
-from engram_serve.server.process import BackgroundServer
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 MODELS = {COMPLETIONS: p.CompletionRequest, CHAT: p.ChatCompletionRequest}
@@ -129,10 +127,8 @@ def test_every_field_of_the_apis_is_honoured_refused_or_without_effect(endpoint)
 
 @pytest.fixture(scope="module")
 def url(default_model_dir):
-    engine = build_engine(
-        default_model_dir, EngineConfig(max_num_seqs=2, kv_cache_bytes=64 << 20, max_model_len=256)
-    )
-    with BackgroundServer(build_app(engine, ServerConfig())) as server:
+    config = EngineConfig(max_num_seqs=2, kv_cache_bytes=64 << 20, max_model_len=256)
+    with in_process_server(default_model_dir, config) as server:
         yield server.url
 
 

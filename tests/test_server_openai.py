@@ -13,6 +13,7 @@ from openai.types.chat import ChatCompletionChunk
 from test_server_support import (
     Scrape,
     engram_columns,
+    in_process_server,
     metric,
     post_then_leave,
     sse_data,
@@ -21,11 +22,8 @@ from test_server_support import (
 )
 
 import engram_serve
-from engram_serve.config import EngineConfig, ServerConfig
-from engram_serve.llm import build_engine
-from engram_serve.server.api import build_app
+from engram_serve.config import EngineConfig
 from engram_serve.server.metrics import FINISH_REASONS
-from engram_serve.server.process import BackgroundServer
 
 API_KEY = "test-key"
 MODEL = "smol-test"
@@ -41,11 +39,8 @@ def server(default_model_dir):
         max_num_seqs=MAX_NUM_SEQS, max_waiting=MAX_WAITING, kv_cache_bytes=256 << 20,
         max_model_len=MAX_MODEL_LEN,
     )  # fmt: skip
-    app = build_app(
-        build_engine(default_model_dir, config),
-        ServerConfig(api_key=API_KEY, served_model_name=MODEL, max_request_bytes=1 << 20),
-    )
-    with BackgroundServer(app) as running:
+    server = dict(api_key=API_KEY, served_model_name=MODEL, max_request_bytes=1 << 20)
+    with in_process_server(default_model_dir, config, **server) as running:
         yield running
 
 

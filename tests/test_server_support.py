@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,25 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 import engram_serve
+from engram_serve.config import EngineConfig, ServerConfig
+from engram_serve.llm import build_engine
+from engram_serve.server.api import build_app
+from engram_serve.server.process import BackgroundServer
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"
 )  # fmt: skip
+
+
+@contextmanager
+def in_process_server(
+    model_dir: Path, config: EngineConfig, **server: Any
+) -> Iterator[BackgroundServer]:
+    """`model_dir`'s engine behind the real app (ServerConfig(**server)), served by uvicorn on a
+    free port of this process until the block ends."""
+    app = build_app(build_engine(model_dir, config), ServerConfig(**server))
+    with BackgroundServer(app) as running:
+        yield running
 
 
 def metric(url: str, sample: str, **labels: str) -> float:

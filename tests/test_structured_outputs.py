@@ -22,10 +22,10 @@ import openai
 import pytest
 import torch
 from fake_cuda import FakeCudaRuntime
-from test_server_support import Scrape
+from test_server_support import Scrape, in_process_server
 
 from engram_serve import LLM, SamplingParams, StructuredOutputs
-from engram_serve.config import EngineConfig, ServerConfig
+from engram_serve.config import EngineConfig
 from engram_serve.engine.request import Request
 from engram_serve.engine.sampler import Sampler, sample
 from engram_serve.engine.structured import (
@@ -36,8 +36,6 @@ from engram_serve.engine.structured import (
 )
 from engram_serve.llm import build_engine
 from engram_serve.server import protocol as p
-from engram_serve.server.api import build_app
-from engram_serve.server.process import BackgroundServer
 
 MODEL = "smol-structured"
 SCHEMA = {
@@ -464,8 +462,7 @@ def test_structured_outputs_validates_itself(arguments, problem):
 @pytest.fixture(scope="module")
 def server(default_model_dir):
     config = EngineConfig(max_num_seqs=8, kv_cache_bytes=64 << 20, max_model_len=256)
-    app = build_app(build_engine(default_model_dir, config), ServerConfig(served_model_name=MODEL))
-    with BackgroundServer(app) as running:
+    with in_process_server(default_model_dir, config, served_model_name=MODEL) as running:
         yield running
 
 

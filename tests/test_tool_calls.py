@@ -17,14 +17,12 @@ import json
 import jsonschema
 import openai
 import pytest
+from test_server_support import in_process_server
 
 from engram_serve import LLM, SamplingParams, StructuredOutputs
-from engram_serve.config import EngineConfig, ServerConfig
+from engram_serve.config import EngineConfig
 from engram_serve.engine.tokenizer import Tokenizer
 from engram_serve.engine.tool_calls import ToolsError, ToolUse, template_reads_tools
-from engram_serve.llm import build_engine
-from engram_serve.server.api import build_app
-from engram_serve.server.process import BackgroundServer
 
 MODEL = "smol-tools"
 WEATHER = {
@@ -335,8 +333,7 @@ def test_call_arguments_that_are_no_json_object_are_refused(tokenizer):
 @pytest.fixture(scope="module")
 def server(default_model_dir):
     config = EngineConfig(max_num_seqs=8, kv_cache_bytes=64 << 20, max_model_len=1024)
-    app = build_app(build_engine(default_model_dir, config), ServerConfig(served_model_name=MODEL))
-    with BackgroundServer(app) as running:
+    with in_process_server(default_model_dir, config, served_model_name=MODEL) as running:
         yield running
 
 
