@@ -47,8 +47,18 @@ class EngineConfig:
     max_waiting: int = 1024  # waiting-queue limit; beyond it add_request refuses
     seed: int = 0
     dtype: str = "float32"
+    # The KV cache's element type. "auto": float16 under a float32 or float16 model (half the
+    # bytes of float32; the CPU kernels convert in registers), the model's dtype otherwise.
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "cpu"
     num_threads: int | None = None
+
+    @property
+    def cache_dtype(self) -> str:
+        """`kv_cache_dtype` resolved."""
+        if self.kv_cache_dtype != "auto":
+            return self.kv_cache_dtype
+        return "float16" if self.dtype in ("float32", "float16") else self.dtype
 
 
 @dataclass(frozen=True)

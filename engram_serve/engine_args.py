@@ -25,6 +25,7 @@ _FLAG_HELP = {
     "prefetch": "fetch Engram rows ahead of the layers that need them",
     "lookahead": "also read the next step's prompt rows into the row cache during this step "
     "(default: on for the disk tier)",
+    "kv_cache_dtype": "KV cache element type (auto: float16 under a float32 or float16 model)",
     "table_path": "directory of the Engram tables (default: the model's engram_tables/)",
 }
 

@@ -63,6 +63,10 @@ from engram_serve.model.retrofit import init_tables
 # does (>= 2.6 on the default backbone, >= 0.37 on the tiny model).
 DEFAULT_ATOL = 3e-4
 TINY_ATOL = 1e-4
+# Keys and values rounded to float16 (11 significant bits: 2.4e-4 relative, each) move the
+# default model's logprobs by up to 6.3e-3 here (float32's rounding: 3e-5); tokens stay equal.
+FLOAT16_KV_ATOL = 1e-2
+EXACT_KV = "float32"  # the oracle tests below check float32 arithmetic: a float32 KV cache
 TOP_K = 5  # logprobs asked for: the chosen token's plus the top 5
 
 TOKENIZER_FILES = BACKBONE_FILES[2:]
@@ -248,19 +252,24 @@ def save_tiny_model(path: Path, model_type: str, default_model_dir: Path, seed: 
 # 1. Engram off: the engine's greedy tokens and logprobs are transformers'
 
 
-def test_default_backbone_matches_transformers(default_model_dir, smollm2_hf):
+@pytest.mark.parametrize(
+    "kv_cache_dtype,atol", [("float32", DEFAULT_ATOL), ("float16", FLOAT16_KV_ATOL)]
+)
+def test_default_backbone_matches_transformers(default_model_dir, smollm2_hf, kv_cache_dtype, atol):
     """The default SmolLM2 backbone served by the engine with Engram off, under a token budget
     of 24 (the 70-token prompt is prefilled over several steps, some mixing chunks and decodes)
     and 7 KV blocks of 16 for four sequences that need 11 (preemption and recompute), gives
-    transformers' greedy tokens and logprobs at every generated position."""
+    transformers' greedy tokens and logprobs at every generated position: with a float32 KV
+    cache to float32's rounding, with the default float16 one to float16's."""
     llm = LLM(
         default_model_dir, enable_engram=False, max_num_seqs=4, max_num_batched_tokens=24,
-        kv_block_size=16, num_kv_blocks=7, max_model_len=112,
+        kv_block_size=16, num_kv_blocks=7, max_model_len=112, kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
+    assert llm.engine.cache.k[0].dtype == getattr(torch, kv_cache_dtype)
     prompts = mixed_prompts(llm.get_tokenizer(), (5, 19, 37, 70))
     completions = engine_greedy(llm, prompts, max_tokens=10)
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
-    check_all(prompts, completions, hf_oracle(smollm2_hf), DEFAULT_ATOL)
+    check_all(prompts, completions, hf_oracle(smollm2_hf), atol)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
@@ -272,7 +281,7 @@ def test_tiny_random_model_matches_transformers(model_type, default_model_dir, t
     hf_model = save_tiny_model(tmp_path, model_type, default_model_dir, seed=3)
     llm = LLM(
         tmp_path, enable_engram=False, max_num_seqs=4, max_num_batched_tokens=8,
-        kv_block_size=2, num_kv_blocks=32, max_model_len=64,
+        kv_block_size=2, num_kv_blocks=32, max_model_len=64, kv_cache_dtype=EXACT_KV,
     )  # fmt: skip
     prompts = mixed_prompts(llm.get_tokenizer(), (1, 3, 9, 17, 26, 41))
     completions = engine_greedy(llm, prompts, max_tokens=14)
@@ -503,7 +512,7 @@ def test_default_backbone_with_nonzero_v41_engram(default_model_dir, smollm2_hf,
     make_engram_model(tmp_path, default_model_dir, config, seed=1, value_scale=30.0)
     llm = LLM(
         tmp_path, max_num_seqs=4, max_num_batched_tokens=24, kv_block_size=16, num_kv_blocks=7,
-        max_model_len=112,
+        max_model_len=112, kv_cache_dtype=EXACT_KV,
     )  # fmt: skip
     prompts = mixed_prompts(llm.get_tokenizer(), (5, 19, 37, 70))
     check_engram(llm, tmp_path, smollm2_hf, prompts, max_tokens=10, atol=DEFAULT_ATOL)
@@ -522,7 +531,7 @@ def test_tiny_model_with_nonzero_demo_engram(default_model_dir, tmp_path):
     make_engram_model(tmp_path, default_model_dir, config, seed=2)
     llm = LLM(
         tmp_path, max_num_seqs=4, max_num_batched_tokens=8, kv_block_size=2, num_kv_blocks=32,
-        max_model_len=64,
+        max_model_len=64, kv_cache_dtype=EXACT_KV,
     )  # fmt: skip
     prompts = mixed_prompts(llm.get_tokenizer(), (1, 3, 9, 17, 26, 41))
     check_engram(llm, tmp_path, hf_model, prompts, max_tokens=14, atol=TINY_ATOL)

@@ -525,16 +525,62 @@ def _decode_case(seq_lens, heads, kv_heads, hd, block_size, seed):
 @pytest.mark.parametrize(
     "seq_lens", [[1], [300], [1, 77, 5, 16, 17, 129, 2, 64], [40] * 11], ids=len
 )
-def test_cpu_decode_attention_equals_twin(num_threads, heads, kv_heads, hd, block_size, seq_lens):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=str)
+def test_cpu_decode_attention_equals_twin(
+    num_threads, heads, kv_heads, hd, block_size, seq_lens, cache_dtype
+):
+    """Against the torch twin, which reads a float16 cache widened to float32 by torch."""
     from engram_serve.kernels.cpu_attention import decode_attention_cpu
     from engram_serve.model.attention import decode_attention
 
     q, k_cache, v_cache, tables, lens = _decode_case(seq_lens, heads, kv_heads, hd, block_size, 0)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     got = decode_attention_cpu(q, k_cache, v_cache, tables, lens, 0.2, num_threads=num_threads)
     want = decode_attention(q, k_cache, v_cache, tables, lens, max(seq_lens), 0.2)
     # Both sum in float32 in their own order, and SDPA's order depends on the CPU (its AVX2 and
     # AVX-512 kernels differ by up to 3e-6 here).
     torch.testing.assert_close(got, want, atol=5e-6, rtol=1e-5)
+
+
+def test_half_conversions_equal_torchs_bit_for_bit():
+    """kernels/cpu_half.py's float16 <-> float32 in compiled code against torch's casts, over
+    every float16 bit pattern (widening) and float32 values around each float16 (narrowing: ties,
+    subnormals, overflow to inf, NaN)."""
+    import numba
+
+    from engram_serve.kernels.cpu_half import as_bits, load, store
+
+    @numba.njit
+    def widen(bits, out):
+        for i in range(bits.size):
+            out[i] = load(bits[i])
+
+    @numba.njit
+    def narrow(values, out):
+        for i in range(values.size):
+            out[i] = store(out, values[i])
+
+    every_half = (
+        torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    )
+    widened = torch.empty(every_half.shape, dtype=torch.float32)
+    widen(as_bits(every_half), widened.numpy())
+    want = every_half.float()
+    assert torch.equal(widened.isnan(), want.isnan())
+    assert torch.equal(widened[~want.isnan()], want[~want.isnan()])
+
+    finite = want[want.isfinite()]
+    spacing = (finite.abs() * 2.0**-11).clamp(min=2.0**-25)  # half a float16 step, about
+    values = torch.cat([
+        finite, finite + spacing, finite - spacing, finite + spacing / 2,
+        torch.randn(100_000) * 3e4,
+        torch.tensor([7e4, -7e4, 65520.0, 65519.0, float("inf"), float("-inf"), 1e-9]),
+    ])  # fmt: skip
+    narrowed = torch.empty(values.shape, dtype=torch.float16)
+    narrow(values.numpy(), as_bits(narrowed))
+    assert torch.equal(narrowed.view(torch.int16), values.to(torch.float16).view(torch.int16))
+    with pytest.raises(ValueError, match="float32 or float16 caches, got torch.bfloat16"):
+        as_bits(torch.zeros(2, dtype=torch.bfloat16))
 
 
 def test_cpu_attention_exp_is_within_its_stated_error():
@@ -586,7 +632,8 @@ def test_cpu_decode_attention_handles_no_sequences_and_refuses_bad_inputs():
     empty = decode_attention_cpu(q[:0], k_cache, v_cache, tables[:0], lens[:0], 0.3)
     assert empty.shape == (0, 6, 8)
     assert not cpu_attention.supports(q.bfloat16(), k_cache.bfloat16())
-    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
+    assert not cpu_attention.supports(q, k_cache.bfloat16())
+    with pytest.raises(ValueError, match="caches, got .* caches torch.float32/torch.float16"):
         decode_attention_cpu(q, k_cache, v_cache.half(), tables, lens, 0.3)
     with pytest.raises(ValueError, match="does not fit caches"):
         decode_attention_cpu(q[:, :5], k_cache, v_cache, tables, lens, 0.3)

@@ -72,7 +72,7 @@ class Engine:
         self.model, self.model_config, self.tokenizer = model, model_config, tokenizer
         self.config, self.engram = config, engram
         self.runtime = runtime or get_runtime(config.device)
-        self.dtype = getattr(torch, config.dtype)
+        self.cache_dtype = getattr(torch, config.cache_dtype)
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings,
             model_config.max_position_embeddings,
@@ -82,8 +82,9 @@ class Engine:
             model_config,
             self.blocks.num_blocks,
             config.kv_block_size,
-            self.dtype,
+            self.cache_dtype,
             self._engram_conv_shapes(),
+            getattr(torch, config.dtype),
             self.runtime,
         )
         self.inputs = Uploader(self.runtime, np.int64)
@@ -353,7 +354,7 @@ class Engine:
     def _num_kv_blocks(self) -> int:
         config = self.config
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes // kv_bytes_per_block(
-            self.model_config, config.kv_block_size, self.dtype
+            self.model_config, config.kv_block_size, self.cache_dtype
         )
         needed = -(-self.max_model_len // config.kv_block_size)
         if num_blocks < needed:

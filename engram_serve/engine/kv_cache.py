@@ -22,20 +22,21 @@ def allocate_cache(
     model: ModelConfig,
     num_blocks: int,
     block_size: int,
-    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
     engram_conv_shapes: dict[int, tuple[int, ...]],
+    state_dtype: torch.dtype,  # the Engram convolutions' history: the model's activations
     runtime: DeviceRuntime,
 ) -> CacheTensors:
     shape = (num_blocks, block_size, model.num_key_value_heads, model.attn_head_dim)
     num_layers = model.num_hidden_layers
 
-    def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return runtime.empty(shape, dtype).zero_()
 
     return CacheTensors(
-        k=[zeros(shape) for _ in range(num_layers)],
-        v=[zeros(shape) for _ in range(num_layers)],
-        engram_conv={layer: zeros(conv) for layer, conv in engram_conv_shapes.items()},
+        k=[zeros(shape, kv_dtype) for _ in range(num_layers)],
+        v=[zeros(shape, kv_dtype) for _ in range(num_layers)],
+        engram_conv={layer: zeros(conv, state_dtype) for layer, conv in engram_conv_shapes.items()},
     )
 
 

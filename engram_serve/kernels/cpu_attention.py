@@ -26,6 +26,7 @@ import numba
 import numpy as np
 import torch
 
+from engram_serve.kernels.cpu_half import CACHE_DTYPES, as_bits, load
 from engram_serve.kernels.cpu_prefetch import prefetch_bytes
 from engram_serve.kernels.cpu_threads import run_split, thread_count
 
@@ -68,7 +69,8 @@ def _prefetch_record(cache, block_tables, seq, pos, length):
 
 @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
 def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, last, out):
-    """Sequences [first, last) of q `[S, KVH, G, hd]` into out (same shape), in float32."""
+    """Sequences [first, last) of q `[S, KVH, G, hd]` into out (same shape), in float32; the
+    caches float32 or float16 bits (kernels/cpu_half.py)."""
     _, kv_heads, group, hd = q.shape
     block_size = k_cache.shape[1]
     for seq in range(first, last):
@@ -81,7 +83,7 @@ def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, 
                 for g in range(group):
                     dot = np.float32(0.0)
                     for d in range(hd):
-                        dot += q[seq, head, g, d] * k_cache[block, offset, head, d]
+                        dot += q[seq, head, g, d] * load(k_cache[block, offset, head, d])
                     scores[head, g, pos] = dot * scale
         # Softmax with the maximum subtracted, as SDPA does: exp never overflows.
         for head in range(kv_heads):
@@ -104,7 +106,7 @@ def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, 
                 for g in range(group):
                     weight = scores[head, g, pos]
                     for d in range(hd):
-                        acc[head, g, d] += weight * v_cache[block, offset, head, d]
+                        acc[head, g, d] += weight * load(v_cache[block, offset, head, d])
         out[seq] = acc
 
 
@@ -119,8 +121,8 @@ def check_in_pool(tables: np.ndarray, lens: np.ndarray, k_cache: torch.Tensor) -
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether this kernel can run the call: float32 CPU tensors (numba has no bf16)."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+    """Whether this kernel can run the call: float32 CPU queries, a float32 or float16 cache."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype in CACHE_DTYPES
 
 
 def decode_attention_cpu(
@@ -134,9 +136,10 @@ def decode_attention_cpu(
 ) -> torch.Tensor:  # [S, H, hd]
     num_seqs, num_heads, hd = q.shape
     kv_heads = k_cache.shape[2]
-    if not supports(q, k_cache) or v_cache.dtype != torch.float32:
+    if not supports(q, k_cache) or v_cache.dtype != k_cache.dtype:
         raise ValueError(
-            f"decode_attention_cpu needs float32 CPU tensors, got {q.dtype} {q.device}"
+            f"decode_attention_cpu needs float32 CPU queries and float32 or float16 caches, got "
+            f"{q.dtype} {q.device}, caches {k_cache.dtype}/{v_cache.dtype}"
         )
     if num_heads % kv_heads or k_cache.shape[3] != hd or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -150,7 +153,7 @@ def decode_attention_cpu(
     q_np = q.contiguous().view(num_seqs, kv_heads, num_heads // kv_heads, hd).numpy()
     tables, lens = block_tables.contiguous().numpy(), seq_lens.contiguous().numpy()
     check_in_pool(tables, lens, k_cache)
-    k_np, v_np, out_np = k_cache.numpy(), v_cache.numpy(), out.numpy()
+    k_np, v_np, out_np = as_bits(k_cache), as_bits(v_cache), out.numpy()
     run_split(
         num_seqs,
         thread_count(num_seqs, _MIN_SEQS_PER_THREAD, num_threads),

@@ -27,6 +27,7 @@ import torch
 
 from engram_serve.kernels import cpu_linear
 from engram_serve.kernels.cpu_attention import attention_kernel, check_in_pool
+from engram_serve.kernels.cpu_half import CACHE_DTYPES, as_bits, store
 from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_tile, num_tiles
 from engram_serve.kernels.cpu_threads import launch_parallel
 
@@ -85,21 +86,24 @@ def _decode_layer_kernel(
             for j in range(qkv.shape[1]):
                 qkv[s, j] += qkv_b[j]
         block, offset = slots[s] // block_size, slots[s] % block_size
+        rotated = np.empty(hd, np.float32)
         for head in range(heads + kv_heads):
             vector = qkv[s : s + 1, head * hd : (head + 1) * hd]
             if q_norm is not None:
                 _rms_norm(vector, q_norm if head < heads else k_norm, eps, vector)
-            if head < heads:
-                dst = q[s, head // group, head % group]
-            else:
-                dst = k_cache[block, offset, head - heads]
             for d in range(half):
                 x1, x2 = vector[0, d], vector[0, half + d]
-                dst[d] = x1 * cos[s, d] - x2 * sin[s, d]
-                dst[half + d] = x2 * cos[s, d] + x1 * sin[s, d]
+                rotated[d] = x1 * cos[s, d] - x2 * sin[s, d]
+                rotated[half + d] = x2 * cos[s, d] + x1 * sin[s, d]
+            if head < heads:
+                q[s, head // group, head % group, :] = rotated
+            else:
+                for d in range(hd):
+                    k_cache[block, offset, head - heads, d] = store(k_cache, rotated[d])
         for kv in range(kv_heads):
             base = (heads + kv_heads + kv) * hd
-            v_cache[block, offset, kv, :] = qkv[s, base : base + hd]
+            for d in range(hd):
+                v_cache[block, offset, kv, d] = store(v_cache, qkv[s, base + d])
 
     attn = np.empty((num_seqs, kv_heads, group, hd), np.float32)
     for s in numba.prange(num_seqs):
@@ -131,8 +135,8 @@ def _decode_layer_kernel(
 
 def supports(h: torch.Tensor, qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether this kernel can run the layer: what cpu_linear's tiles take (float32 CPU rows,
-    1..MAX_ROWS of them, against the float32 QKV weight), and a float32 cache."""
-    return cpu_linear.supports(h, qkv) and k_cache.dtype == torch.float32
+    1..MAX_ROWS of them, against the float32 QKV weight), and a float32 or float16 cache."""
+    return cpu_linear.supports(h, qkv) and k_cache.dtype in CACHE_DTYPES
 
 
 def decode_layer(
@@ -141,15 +145,19 @@ def decode_layer(
     eps: float,
     cos: torch.Tensor,  # [S, 1, hd/2] (model/llama.RotaryEmbedding)
     sin: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd], written in place
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd] float32 or float16, written
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [S] int64
     block_tables: torch.Tensor,  # [S, max_blocks] int64
     seq_lens: torch.Tensor,  # [S] int64, each >= 1, the new token included
     scale: float,
 ) -> torch.Tensor:  # [S, D], the layer's output (h is not changed)
-    tensors = [v_cache, *(w for w in weights if w is not None)]
-    if not supports(h, weights.qkv, k_cache) or any(t.dtype != torch.float32 for t in tensors):
+    tensors = [w for w in weights if w is not None]
+    if (
+        not supports(h, weights.qkv, k_cache)
+        or v_cache.dtype != k_cache.dtype
+        or any(t.dtype != torch.float32 for t in tensors)
+    ):
         raise ValueError(
             f"decode_layer needs float32 CPU tensors and 1..{MAX_ROWS} sequences, got h "
             f"{h.dtype} {tuple(h.shape)} on {h.device}"
@@ -178,8 +186,8 @@ def decode_layer(
         *arrays,
         cos.reshape(num_seqs, -1).contiguous().numpy(),
         sin.reshape(num_seqs, -1).contiguous().numpy(),
-        k_cache.numpy(),
-        v_cache.numpy(),
+        as_bits(k_cache),
+        as_bits(v_cache),
         slots,
         tables,
         lens,

@@ -116,8 +116,11 @@ def decode_attention(
 ) -> torch.Tensor:  # [S, H, hd]
     num_seqs, num_heads, hd = q.shape
     kv_heads = k_cache.shape[2]
-    k = gather_context(k_cache, block_tables, max_len).transpose(1, 2)  # [S, KVH, L, hd]
-    v = gather_context(v_cache, block_tables, max_len).transpose(1, 2)  # [S, KVH, L, hd]
+    # A 16-bit cache is widened to the queries' dtype (a no-op when they match).
+    k = (
+        gather_context(k_cache, block_tables, max_len).transpose(1, 2).to(q.dtype)
+    )  # [S, KVH, L, hd]
+    v = gather_context(v_cache, block_tables, max_len).transpose(1, 2).to(q.dtype)
     # GQA without copying K/V: the query heads sharing a KV head become that head's "queries".
     q = q.view(num_seqs, kv_heads, num_heads // kv_heads, hd)  # [S, KVH, G, hd]
     valid = torch.arange(k.shape[2], device=q.device) < seq_lens[:, None]  # [S, L]
@@ -141,8 +144,8 @@ def prefill_attention(
     if past_len == 0:  # the whole context is new: no cache read, plain causal attention
         mask, is_causal = None, True
     else:
-        k = gather_context(k_cache, block_table[None], seq_len)[0, :seq_len]  # [L, KVH, hd]
-        v = gather_context(v_cache, block_table[None], seq_len)[0, :seq_len]
+        k = gather_context(k_cache, block_table[None], seq_len)[0, :seq_len].to(q.dtype)
+        v = gather_context(v_cache, block_table[None], seq_len)[0, :seq_len].to(q.dtype)
         # Query i sits at position past_len + i and sees keys 0..past_len + i.
         key_pos = torch.arange(seq_len, device=q.device)
         query_pos = torch.arange(past_len, seq_len, device=q.device)
