@@ -50,6 +50,11 @@ class EngineConfig:
     # The KV cache's element type. "auto": float16 under a float32 or float16 model (half the
     # bytes of float32; the CPU kernels convert in registers), the model's dtype otherwise.
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # The backbone's weights (model/loader.py): "none" dense in `dtype`; "gguf" the model's GGUF
+    # blocks as they are; q4_0, q4_1, q8_0 quantized at load. "auto": "gguf" on the CPU where
+    # the model directory has its GGUF (one converted from a GGUF file, the default model),
+    # else "none".
+    quantization: Literal["auto", "none", "gguf", "q4_0", "q4_1", "q8_0"] = "auto"
     device: str = "cpu"
     num_threads: int | None = None
 

@@ -8,6 +8,7 @@ print(outputs[0].outputs[0].text)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,12 @@ from engram_serve.engine.tool_calls import ToolUse
 from engram_serve.engram.compression import load_compression
 from engram_serve.engram.ngram_hash import NgramHasher
 from engram_serve.engram.tables import open_table, read_engram_config, verify_tables
+from engram_serve.kernels.cpu_target import bf16_matmul_path
+from engram_serve.model.gguf import GGUF_WEIGHTS
 from engram_serve.model.loader import load_model, load_model_config, set_parameter
 
 ENGRAM_MODULES_FILE = "engram_modules.safetensors"
+logger = logging.getLogger(__name__)
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -77,7 +81,14 @@ def build_engine(
     if engram_config is not None:  # a broken table fails in seconds, before the backbone loads
         verify_tables(model_dir, full=False)
     dtype = getattr(torch, engine_config.dtype)
-    net = load_model(model_dir, dtype=dtype, engram_config=engram_config, runtime=runtime)
+    quantization = resolve_quantization(engine_config, model_dir)
+    logger.info(
+        "weights %s, activations %s, KV cache %s on %s%s", quantization, engine_config.dtype,
+        engine_config.cache_dtype, engine_config.device,
+        f"; {bf16_matmul_path()}" if engine_config.dtype == "bfloat16" and runtime.device.type
+        == "cpu" else "",
+    )  # fmt: skip
+    net = load_model(model_dir, dtype, engram_config, runtime, quantization)
     tokenizer = Tokenizer(model_dir)
     engram = None
     if engram_config is not None:
@@ -85,6 +96,14 @@ def build_engine(
         engram = _engram_runtime(model_dir, engram_config, tokenizer, offload_config, runtime)
     config = load_model_config(model_dir)
     return Engine(net, config, tokenizer, engine_config, engram, runtime)
+
+
+def resolve_quantization(config: EngineConfig, model_dir: Path) -> str:
+    """EngineConfig.quantization with "auto" resolved for this model and device."""
+    if config.quantization != "auto":
+        return config.quantization
+    has_gguf = (model_dir / GGUF_WEIGHTS).is_file()
+    return "gguf" if has_gguf and config.device == "cpu" else "none"
 
 
 def load_engram_modules(

@@ -100,7 +100,9 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[rest]}.weight"
 
 
-def write_tiny_gguf(path, weights, arch="llama", extra_tensor=None) -> None:
+def write_tiny_gguf(path, weights, arch="llama", extra_tensor=None, kinds=None) -> None:
+    """`kinds`: GGUF part name ("attn_q", "token_embd", ...) -> the type to store it in (the
+    rest F32); default QUANTIZED in Q8_0, HALF in F16."""
     tokens = tokenizer_tokens()
     writer = GGUFWriter(path, arch)
     writer.add_block_count(LAYERS)
@@ -126,10 +128,13 @@ def write_tiny_gguf(path, weights, arch="llama", extra_tensor=None) -> None:
             w = llamacpp_order(w, HEADS)
         elif ".attn_k." in name:
             w = llamacpp_order(w, KV_HEADS)
-        if name.split(".")[-2] in QUANTIZED:
+        part = name.split(".")[-2]
+        if kinds is not None and part in kinds:
+            writer.add_tensor(name, quants.quantize(w, kinds[part]), raw_dtype=kinds[part])
+        elif kinds is None and part in QUANTIZED:
             q8 = GGMLQuantizationType.Q8_0
             writer.add_tensor(name, quants.quantize(w, q8), raw_dtype=q8)
-        elif name.split(".")[-2] in HALF:
+        elif kinds is None and part in HALF:
             writer.add_tensor(name, w.astype(np.float16))
         else:
             writer.add_tensor(name, w)

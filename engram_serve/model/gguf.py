@@ -4,6 +4,8 @@ llama.cpp names tensors its own way (`blk.3.attn_q.weight`), stores them quantiz
 the rows of the Q and K projections so that its RoPE rotates adjacent pairs (x[2i], x[2i+1])
 where Hugging Face Llama rotates halves (x[i], x[i + d/2]). Converting back means: rename,
 dequantize to float32, and undo that row permutation. The result loads like any HF checkpoint.
+`read_gguf_weights` instead keeps block-quantized weights in their formats (un-permuted all the
+same) for `quantization="gguf"`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from engram_serve.engram.tables import safetensors_header
+from engram_serve.kernels.cpu_quant import QuantizedWeight
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+# The GGUF itself, kept beside the float32 conversion: `quantization="gguf"` loads its
+# block-quantized weights as they are.
+GGUF_WEIGHTS = "model.gguf"
 
 # llama.cpp tensor name -> HF name; `{i}` is the layer index.
 _GLOBAL_NAMES = {
@@ -144,17 +151,51 @@ def _generation_config(config: dict[str, Any], reader) -> dict[str, Any]:
     return out
 
 
-def _dequantized(tensor, config: dict[str, Any]) -> np.ndarray:
+def _dequantized(tensor, num_heads: int, num_kv_heads: int) -> np.ndarray:
     """One GGUF tensor as float32 in HF layout (`[out, in]`, Q/K rows un-permuted)."""
     from gguf.quants import dequantize
 
     w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     w = w.reshape([int(d) for d in reversed(tensor.shape)])  # GGUF lists dims innermost first
     if ".attn_q." in tensor.name:
-        w = unpermute_qk(w, config["num_attention_heads"])
+        w = unpermute_qk(w, num_heads)
     elif ".attn_k." in tensor.name:
-        w = unpermute_qk(w, config["num_key_value_heads"])
+        w = unpermute_qk(w, num_kv_heads)
     return np.ascontiguousarray(w)
+
+
+DENSE_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_tensor_names(gguf_path: Path) -> list[str]:
+    """The Hugging Face names of a GGUF's tensors."""
+    import gguf
+
+    return [hf_tensor_name(t.name) for t in gguf.GGUFReader(gguf_path).tensors]
+
+
+def read_gguf_weights(
+    gguf_path: Path, num_heads: int, num_kv_heads: int
+) -> Iterator[tuple[str, np.ndarray | QuantizedWeight]]:
+    """(Hugging Face name, weight) for each tensor of a GGUF, in HF layout (Q/K rows
+    un-permuted): float tensors as float32 arrays, block-quantized ones kept in their format
+    (kernels/cpu_quant.py), memory-mapped blocks copied once into the kernels' layout."""
+    import gguf
+
+    heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
+    for tensor in gguf.GGUFReader(gguf_path).tensors:
+        name, kind = hf_tensor_name(tensor.name), tensor.tensor_type.name
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
+        part = tensor.name.split(".")[-2]
+        if kind in DENSE_TYPES:
+            yield name, _dequantized(tensor, num_heads, num_kv_heads)
+            continue
+        if len(shape) != 2:
+            raise ValueError(f"GGUF tensor {tensor.name}: a {kind} tensor of shape {shape}")
+        weight = QuantizedWeight.from_gguf(tensor.data, kind, shape)
+        if part in heads:
+            weight = weight.permute_rows(unpermute_qk(np.arange(shape[0]), heads[part]))
+        yield name, weight
 
 
 def _write_weights(reader, config: dict[str, Any], path: Path, progress: bool) -> None:
@@ -169,7 +210,7 @@ def _write_weights(reader, config: dict[str, Any], path: Path, progress: bool) -
         f.write(header)
         bar = tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor", disable=not progress)
         for tensor, (name, _, shape) in zip(bar, entries, strict=True):
-            w = _dequantized(tensor, config)
+            w = _dequantized(tensor, config["num_attention_heads"], config["num_key_value_heads"])
             if w.shape != shape:
                 raise ValueError(f"{tensor.name}: dequantized to {w.shape}, expected {shape}")
             assert f.tell() == offsets[name]
@@ -188,10 +229,11 @@ def convert_gguf(
 ) -> Path:
     """Convert a Llama-family GGUF into a Hugging Face directory at `out_dir` and return it.
 
-    Writes config.json, model.safetensors (float32), generation_config.json and, when the GGUF
-    carries a tokenizer, the tokenizer files (with its chat template). Atomic: everything is
-    built in a hidden sibling directory and renamed into place, so `out_dir` is either absent or
-    complete. An existing `out_dir` raises FileExistsError unless `overwrite`.
+    Writes config.json, model.safetensors (float32), generation_config.json, the GGUF itself
+    (model.gguf, hard-linked where it can be) and, when the GGUF carries a tokenizer, the
+    tokenizer files (with its chat template). Atomic: everything is built in a hidden sibling
+    directory and renamed into place, so `out_dir` is either absent or complete. An existing
+    `out_dir` raises FileExistsError unless `overwrite`.
     """
     import gguf
 
@@ -210,6 +252,7 @@ def convert_gguf(
         has_tokenizer = reader.get_field("tokenizer.ggml.model") is not None
         _write_weights(reader, config, tmp / "model.safetensors", progress)
         del reader  # release the memory map before the tokenizer reads the file again
+        _link_or_copy(gguf_path, tmp / GGUF_WEIGHTS)
         if has_tokenizer:
             _write_tokenizer(gguf_path, tmp)
         _write_json(tmp / "config.json", config)
@@ -219,6 +262,13 @@ def convert_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        shutil.copyfile(src, dst)
 
 
 def _write_json(path: Path, obj: Any) -> None:

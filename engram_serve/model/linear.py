@@ -1,5 +1,7 @@
-"""`linear(x, weight, bias)`: `F.linear`, through the CPU kernel for small batches
-(kernels/cpu_linear.py) where it applies; `Linear`: an `nn.Linear` that calls it."""
+"""`linear(x, weight, bias)`: `F.linear`, through the CPU kernels where they apply: a weight kept
+quantized (kernels/cpu_quant.py) always, a float32 one for small batches (kernels/cpu_linear.py);
+`Linear`: an `nn.Linear` that calls it. `Weight` is either kind; `set_weight` and `set_fused`
+put one on a module."""
 
 from __future__ import annotations
 
@@ -7,13 +9,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_serve.kernels import cpu_linear
+from engram_serve.kernels import cpu_linear, cpu_quant
+from engram_serve.kernels.cpu_quant import QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, QuantizedWeight):  # the kernels take and give float32 activations
+        return cpu_quant.linear(x.float(), weight, bias).to(x.dtype)
     if cpu_linear.supports(x, weight):
         return cpu_linear.linear_cpu(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def set_weight(module: nn.Module, name: str, value: Weight | None) -> None:
+    """module.<name> = value: a tensor as a frozen parameter, a quantized weight as a plain
+    attribute (it is no tensor), None to drop it."""
+    module._parameters.pop(name, None)
+    module.__dict__.pop(name, None)
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=False)
+    setattr(module, name, value)
+
+
+def set_fused(module: nn.Module, name: str, value: Weight | None) -> None:
+    """module.<name> = a fused weight or bias: a tensor as a buffer outside the state dict (its
+    parts keep their Hugging Face names), a quantized weight as a plain attribute."""
+    module._buffers.pop(name, None)
+    module.__dict__.pop(name, None)
+    if isinstance(value, torch.Tensor) or value is None:
+        module.register_buffer(name, value, persistent=False)
+    else:
+        setattr(module, name, value)
 
 
 class Linear(nn.Linear):

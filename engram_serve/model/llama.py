@@ -25,26 +25,46 @@ from engram_serve.kernels import cpu_decode
 from engram_serve.model.attention import paged_attention
 from engram_serve.model.batch import ForwardBatch
 from engram_serve.model.engram import build_engram
-from engram_serve.model.linear import Linear, linear
+from engram_serve.model.linear import Linear, QuantizedWeight, Weight, linear, set_fused, set_weight
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse_linears(linears: list[nn.Linear]) -> tuple[Weight, torch.Tensor | None]:
     """One weight (and bias) for several projections of the same input, so a step runs one
     matmul instead of several. The projections' parameters become views into the fused tensors:
-    names stay Hugging Face's, no memory is duplicated, and in-place updates stay in sync."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
+    names stay Hugging Face's, no memory is duplicated, and in-place updates stay in sync.
+    Quantized weights are stacked (kernels/cpu_quant.py) and the projections' own dropped."""
     has_bias = linears[0].bias is not None
     bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+    parts = [lin.weight for lin in linears]
+    quantized = [isinstance(w, QuantizedWeight) for w in parts]
+    if all(quantized):
+        weight = QuantizedWeight.concat(parts)
+        for lin in linears:
+            set_weight(lin, "weight", None)
+    else:  # dense; a GGUF may store some of the parts as floats: the others are dequantized
+        dtype = next(w.dtype for w in parts if isinstance(w, torch.Tensor))
+        dense = [w.dequantize().to(dtype) if isinstance(w, QuantizedWeight) else w for w in parts]
+        weight = torch.cat([w.detach() for w in dense])  # [sum(out), in]
     start = 0
     for lin in linears:
         rows = lin.out_features
-        lin.weight = nn.Parameter(weight.narrow(0, start, rows), requires_grad=False)
+        if isinstance(weight, torch.Tensor):
+            set_weight(lin, "weight", weight.narrow(0, start, rows))
         if has_bias:
-            lin.bias = nn.Parameter(bias.narrow(0, start, rows), requires_grad=False)
+            set_weight(lin, "bias", bias.narrow(0, start, rows))
         start += rows
     return weight, bias
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` whose table may be kept quantized (the GGUF's token_embd)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.take_rows(ids)
+        return super().forward(ids)
 
 
 class RMSNorm(nn.Module):
@@ -146,8 +166,8 @@ class LlamaAttention(nn.Module):
 
     def fuse_projections(self) -> None:
         weight, bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        self.register_buffer("qkv_weight", weight, persistent=False)
-        self.register_buffer("qkv_bias", bias, persistent=False)
+        set_fused(self, "qkv_weight", weight)
+        set_fused(self, "qkv_bias", bias)
 
 
 class LlamaMLP(nn.Module):
@@ -166,7 +186,7 @@ class LlamaMLP(nn.Module):
 
     def fuse_projections(self) -> None:
         weight, _ = fuse_linears([self.gate_proj, self.up_proj])
-        self.register_buffer("gate_up_weight", weight, persistent=False)
+        set_fused(self, "gate_up_weight", weight)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -246,7 +266,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, engram_config: EngramConfig | None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, engram_config) for i in range(config.num_hidden_layers)
         )
@@ -284,7 +304,7 @@ class LlamaForCausalLM(nn.Module):
         """Share the embedding with the output projection when the config ties them; call again
         after replacing `embed_tokens.weight` (the loader does)."""
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            set_weight(self.lm_head, "weight", self.model.embed_tokens.weight)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -23,7 +24,10 @@ from torch import nn
 from engram_serve.config import ModelConfig
 from engram_serve.device import CpuRuntime, DeviceRuntime
 from engram_serve.engram.config import EngramConfig
+from engram_serve.kernels.cpu_quant import QUANTIZABLE, QuantizedWeight
 from engram_serve.model.engram import build_engram
+from engram_serve.model.gguf import GGUF_WEIGHTS, gguf_tensor_names, read_gguf_weights
+from engram_serve.model.linear import Weight, set_weight
 from engram_serve.model.llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -32,6 +36,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # Checkpoint entries that are not parameters: older Llama exports saved RoPE's buffer.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 MAX_LISTED = 5  # names quoted in one error message
+QUANTIZATIONS = ("none", "gguf", *QUANTIZABLE)
+QUANTIZED_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
 
 
 class ModelLoadError(ValueError):
@@ -145,17 +151,39 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     engram_config: EngramConfig | None = None,
     runtime: DeviceRuntime | None = None,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
     """Build the model of a Hugging Face directory and load its safetensors weights onto
     `runtime`'s device (default: the CPU), tensor by tensor.
 
     Engram modules (`model.layers.{i}.engram.*`) load from the same files when the checkpoint
     has them; a checkpoint without any keeps the modules' own initialisation.
+
+    `quantization` (QUANTIZATIONS): "none" keeps every weight dense in `dtype`; "gguf" loads the
+    backbone from the directory's model.gguf with its block-quantized weights kept as they are;
+    a format of kernels/cpu_quant.QUANTIZABLE quantizes the backbone's projections, embedding
+    and head as they load (llama.cpp's reference quantizer). Quantized weights run on the CPU.
     """
     runtime = runtime or CpuRuntime()
     model_dir = Path(path)
     config = load_model_config(model_dir)
-    where = checkpoint_index(model_dir)  # tensor name -> file
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization {quantization!r} unknown; use one of {QUANTIZATIONS}")
+    if quantization != "none" and runtime.device.type != "cpu":
+        raise ModelLoadError(
+            f"quantized weights ({quantization!r}) run on the CPU only; use quantization 'none' "
+            f"on {runtime.device.type}"
+        )
+    gguf_path = model_dir / GGUF_WEIGHTS
+    if quantization == "gguf":
+        if not gguf_path.is_file():
+            raise ModelLoadError(
+                f"quantization 'gguf' reads {gguf_path}, which is missing (a model converted "
+                "from a GGUF file has it)"
+            )
+        where = dict.fromkeys(gguf_tensor_names(gguf_path), gguf_path)
+    else:
+        where = checkpoint_index(model_dir)  # tensor name -> file
     with torch.device("meta"):
         model = LlamaForCausalLM(config, engram_config)
 
@@ -166,11 +194,18 @@ def load_model(
         expected = {n: s for n, s in expected.items() if n not in engram_names}
     _check_names(model_dir, expected, where, engram_config)
 
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name in expected:
-        by_file[where[name]].append(name)
-    for file, names in by_file.items():
-        _load_file(model, file, names, expected, dtype, runtime)
+    if quantization == "gguf":
+        weights = read_gguf_weights(gguf_path, config.num_attention_heads,
+                                    config.num_key_value_heads)  # fmt: skip
+        for name, value in weights:
+            if name in expected:
+                _set_loaded(model, gguf_path, name, value, expected, dtype, runtime, quantization)
+    else:
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in expected:
+            by_file[where[name]].append(name)
+        for file, names in by_file.items():
+            _load_file(model, file, names, expected, dtype, runtime, quantization)
     place_on_device(model, runtime)  # what the checkpoint does not hold (RoPE, fresh modules)
     model.tie_weights()
     model.fuse_projections()
@@ -259,6 +294,7 @@ def _load_file(
     expected: dict[str, torch.Size],
     dtype: torch.dtype,
     runtime: DeviceRuntime,
+    quantization: str,
 ) -> None:
     with _open(file) as f:
         stored = set(f.keys())
@@ -266,12 +302,46 @@ def _load_file(
             if name not in stored:
                 raise ModelLoadError(f"{INDEX_FILE} puts {name} in {file.name}, which lacks it")
             shape = tuple(f.get_slice(name).get_shape())
-            if shape != tuple(expected[name]):
-                raise ModelLoadError(
-                    f"{file.name}: tensor {name} has shape {shape}, "
-                    f"expected {tuple(expected[name])}"
-                )
-            set_parameter(model, name, runtime.upload(f.get_tensor(name).to(dtype)))
+            if shape != tuple(expected[name]):  # before reading the tensor
+                _wrong_shape(file, name, shape, expected)
+            value = f.get_tensor(name)
+            _set_loaded(model, file, name, value, expected, dtype, runtime, quantization)
+
+
+def _set_loaded(
+    model: nn.Module,
+    file: Path,
+    name: str,
+    value: torch.Tensor | np.ndarray | QuantizedWeight,
+    expected: dict[str, torch.Size],
+    dtype: torch.dtype,
+    runtime: DeviceRuntime,
+    quantization: str,
+) -> None:
+    """One loaded tensor into the model: kept quantized (as read, or quantized now where
+    `quantization` names a format and `name` is a projection, the embedding or the head), else
+    dense in `dtype` on the runtime's device."""
+    if isinstance(value, np.ndarray):  # read from a memory-mapped GGUF: copied out of it
+        value = torch.tensor(value)
+    if isinstance(value, torch.Tensor):
+        if quantization in QUANTIZABLE and _is_quantizable(name):
+            value = QuantizedWeight.quantize(value.float(), quantization)
+    if tuple(value.shape) != tuple(expected[name]):
+        _wrong_shape(file, name, tuple(value.shape), expected)
+    if isinstance(value, torch.Tensor):
+        value = runtime.upload(value.to(dtype))
+    set_parameter(model, name, value)
+
+
+def _is_quantizable(name: str) -> bool:
+    """The backbone's projections, embedding and head: what llama.cpp quantizes."""
+    return ".engram." not in name and name.endswith(QUANTIZED_SUFFIXES)
+
+
+def _wrong_shape(file: Path, name: str, shape: tuple[int, ...], expected) -> None:
+    raise ModelLoadError(
+        f"{file.name}: tensor {name} has shape {shape}, expected {tuple(expected[name])}"
+    )
 
 
 def _open(file: Path):  # -> safetensors handle
@@ -281,9 +351,9 @@ def _open(file: Path):  # -> safetensors handle
         raise ModelLoadError(f"{file}: not a readable safetensors file ({err})") from err
 
 
-def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_parameter(model: nn.Module, name: str, value: Weight) -> None:
     module_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(module_name), leaf, nn.Parameter(value, requires_grad=False))
+    set_weight(model.get_submodule(module_name), leaf, value)
 
 
 def place_on_device(model: nn.Module, runtime: DeviceRuntime) -> None:
