@@ -31,6 +31,7 @@ FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q6_k")
 QUANTIZABLE = ("q4_0", "q4_1", "q8_0")  # what gguf-py's reference quantizer implements
 BLOCK = 32  # the kernels' unit along K: every format's blocks split into blocks of 32
 TILE = 8  # weight rows per tile
+DEQUANTIZED_TILE_ROWS = 16
 # Above this many rows of x, linear() dequantizes bands of BAND_ELEMENTS weights into a float32
 # buffer and multiplies with torch (MKL).
 BAND_MIN_ROWS = MAX_ROWS
@@ -432,6 +433,17 @@ def quant_tile(x, w, out, tile):
                     c = block * BLOCK
                     acc = _step(w, r, block, load(x, m, c), load(x, m, c + 16), acc)
                 out[m, r] = hsum(acc)
+        return
+    if rows >= DEQUANTIZED_TILE_ROWS:
+        # Dequantized once into L1 for all the rows of x, then multiplied as float32.
+        tile_weights = np.empty((TILE, k), np.float32)
+        for r in range(TILE):
+            for block in range(k // BLOCK):
+                low, high = block_weights(w, o + r, block)
+                store(tile_weights, r, block * BLOCK, low)
+                store(tile_weights, r, block * BLOCK + 16, high)
+        for part in range(num_tiles(TILE, k)):
+            linear_tile(x, tile_weights, out[:, o : o + TILE], part)
         return
     paired = rows - rows % 2
     for m in range(0, paired, 2):
