@@ -15,6 +15,10 @@ per-sequence attention, so the arithmetic is theirs; norms and RoPE sum in anoth
 torch's, so results differ from the unfused layer in the last bits (tests/test_llama.py bounds
 it). Single-stream decode of the default model: 21.0-24.5 tok/s, against 15.5-19.0 with the
 eager layers (3 runs of 64 tokens each, alternating, same process).
+
+Any of the four matrices may be a QuantizedWeight instead (kernels/cpu_quant.py's block-quantized
+tiles, picked by the weight tuple's type when numba compiles the layer: one compiled layer per
+combination of weight kinds); float32 ones run cpu_linear's tiles as before.
 """
 
 from __future__ import annotations
