@@ -22,6 +22,12 @@ batches of 1 to 256 rows, `F.linear` (MKL) against kernels/cpu_linear.py; weight
 GFLOP/s. The weights are random (only their shapes matter) and, together, far larger than the
 caches, as in the model.
 
+CPU quantized linear (`--quant`): the same matmuls with the default model's own weights in their
+GGUF formats (Q4_1 layers, q/k/v and gate/up fused; the Q8_0 embedding as the tied output
+head), kernels/cpu_quant.py against the float32 path the model takes for the dequantized weights
+(model/linear.py: kernels/cpu_linear.py up to its MAX_ROWS rows, MKL beyond), for 1 to 2048
+rows; weight bytes held by each, and the largest difference of the outputs.
+
 CPU decode attention (`--attention`): one decode step's paged attention over the default model's
 layers (SmolLM2: 30 of 9 query heads, 3 KV heads of 64) for 1 to 64 sequences of 150-300 cached
 tokens in blocks of 16 scattered over the pool, kernels/cpu_attention.py against its torch twin
@@ -31,8 +37,8 @@ GPU (skipped without CUDA): the Triton hash against NgramHasher (numba), the Tri
 device memory and from pinned host memory (UVA) against torch indexing, the fused gate against
 its twin.
 
-`python -m engram_serve.bench.kernels [--table-gib 2] [--repeats 20] [--linear] [--attention]
-[--json out.json]`
+`python -m engram_serve.bench.kernels [--table-gib 2] [--repeats 20] [--linear] [--quant]
+[--attention] [--json out.json]`
 """
 
 from __future__ import annotations
@@ -323,6 +329,88 @@ def bench_cpu_linear(repeats: int = 10) -> dict:
     return results
 
 
+QUANT_ROWS = (1, 8, 64, 256, 2048)
+WARM_UP_S = 5.0
+
+
+def default_model_weights() -> list:
+    """The default model's linear weights as kernels/cpu_quant.py holds them: per layer the fused
+    q/k/v, o, fused gate/up and down weights, then the output head (the tied embedding)."""
+    from gguf import GGUFReader
+
+    from engram_serve.kernels.cpu_quant import QuantizedWeight
+    from engram_serve.model.default_model import packaged_gguf_path
+
+    tensors = {t.name: t for t in GGUFReader(packaged_gguf_path()).tensors}
+
+    def weight(name: str) -> QuantizedWeight:
+        t = tensors[name]
+        shape = (int(t.shape[1]), int(t.shape[0]))  # GGUF lists dimensions innermost first
+        return QuantizedWeight.from_gguf(t.data, t.tensor_type.name, shape)
+
+    layers = sorted({int(name.split(".")[1]) for name in tensors if name.startswith("blk.")})
+    weights = []
+    for i in layers:
+        names = [["attn_q", "attn_k", "attn_v"], ["attn_output"], ["ffn_gate", "ffn_up"]]
+        names.append(["ffn_down"])
+        for group in names:
+            weights.append(QuantizedWeight.concat([weight(f"blk.{i}.{n}.weight") for n in group]))
+    weights.append(weight("token_embd.weight"))
+    return weights
+
+
+def bench_cpu_quant(repeats: int = 10) -> dict:
+    """Median and best time of the default model's matmuls in its own block formats against the
+    float32 path on the dequantized weights, per batch size."""
+    from engram_serve.kernels import cpu_quant
+    from engram_serve.model.linear import linear
+
+    quantized = default_model_weights()
+    dense = [w.dequantize() for w in quantized]
+    quant_bytes = sum(w.nbytes for w in quantized)
+    dense_bytes = sum(w.numel() * 4 for w in dense)
+    results: dict = {
+        "threads": torch.get_num_threads(),
+        "formats": sorted({w.format for w in quantized}),
+        "quant_mb": quant_bytes / 1e6,
+        "float32_mb": dense_bytes / 1e6,
+    }
+    print(f"  weights: {quant_bytes / 1e6:.1f} MB quantized, {dense_bytes / 1e6:.1f} MB float32")
+    gen = torch.Generator().manual_seed(0)
+    # A process's first seconds of parallel launches run ~10 ms each here, later ~5 us.
+    start, x = time.perf_counter(), torch.randn(1, quantized[0].shape[1], generator=gen)
+    while time.perf_counter() - start < WARM_UP_S:
+        cpu_quant.linear(x, quantized[0])
+    for rows in QUANT_ROWS:
+        inputs = {k: torch.randn(rows, k, generator=gen) for k in {w.shape[1] for w in dense}}
+        methods = {
+            "float32": partial(_call_each, linear, [(inputs[w.shape[1]], w) for w in dense]),
+            "quant": partial(
+                _call_each, cpu_quant.linear, [(inputs[w.shape[1]], w) for w in quantized]
+            ),
+        }
+        entry = _time_in_turn(methods, max(2, repeats * 64 // max(64, rows)))
+        for name, held in (("float32", dense_bytes), ("quant", quant_bytes)):
+            seconds = entry[name]["median_ms"] / 1e3
+            entry[name]["weight_gb_s"] = held / seconds / 1e9
+            entry[name]["gflop_s"] = 2 * rows * dense_bytes / 4 / seconds / 1e9
+        entry["speedup_median"] = entry["float32"]["median_ms"] / entry["quant"]["median_ms"]
+        entry["max_abs_diff"] = max(
+            (linear(inputs[d.shape[1]], d) - cpu_quant.linear(inputs[q.shape[1]], q)).abs().max()
+            for d, q in zip(dense, quantized, strict=True)
+        ).item()
+        results[str(rows)] = entry
+        dense_entry, quant_entry = entry["float32"], entry["quant"]
+        print(
+            f"  {rows:4d} rows  float32 {dense_entry['median_ms']:8.1f} ms "
+            f"({dense_entry['gflop_s']:5.1f} GFLOP/s)  quant {quant_entry['median_ms']:8.1f} ms "
+            f"({quant_entry['gflop_s']:5.1f} GFLOP/s, {quant_entry['weight_gb_s']:5.1f} GB/s)  "
+            f"{entry['speedup_median']:5.2f}x  max |diff| {entry['max_abs_diff']:.2e}",
+            flush=True,
+        )
+    return results
+
+
 def _cuda_time(fn: Callable[[], object], repeats: int) -> float:
     """Median milliseconds of `fn` on the current stream (CUDA events), after a warm-up."""
     fn()
@@ -485,6 +573,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-cpu", action="store_true", help="skip the CPU gather")
     parser.add_argument("--linear", action="store_true", help="also the CPU linear kernel")
     parser.add_argument(
+        "--quant", action="store_true", help="also the CPU block-quantized linear kernel"
+    )
+    parser.add_argument(
         "--attention", action="store_true", help="also the CPU decode attention kernel"
     )
     args = parser.parse_args(argv)
@@ -492,6 +583,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.linear:
         print(f"CPU linear, the default model's matmuls, {torch.get_num_threads()} threads")
         results["cpu_linear"] = bench_cpu_linear(args.repeats)
+    if args.quant:
+        print(
+            f"CPU quantized linear, the default model's weights, {torch.get_num_threads()} threads"
+        )
+        results["cpu_quant"] = bench_cpu_quant(args.repeats)
     if args.attention:
         threads = torch.get_num_threads()
         print(f"CPU decode attention, the default model's layers, {threads} threads")

@@ -15,6 +15,10 @@ per-sequence attention, so the arithmetic is theirs; norms and RoPE sum in anoth
 torch's, so results differ from the unfused layer in the last bits (tests/test_llama.py bounds
 it). Single-stream decode of the default model: 21.0-24.5 tok/s, against 15.5-19.0 with the
 eager layers (3 runs of 64 tokens each, alternating, same process).
+
+Any of the four matrices may be a QuantizedWeight instead (kernels/cpu_quant.py's block-quantized
+tiles, picked by the weight tuple's type when numba compiles the layer: one compiled layer per
+combination of weight kinds); float32 ones run cpu_linear's tiles as before.
 """
 
 from __future__ import annotations
@@ -25,25 +29,29 @@ import numba
 import numpy as np
 import torch
 
-from engram_serve.kernels import cpu_linear
+from engram_serve.kernels import cpu_linear, cpu_quant
 from engram_serve.kernels.cpu_attention import attention_kernel, check_in_pool
 from engram_serve.kernels.cpu_half import CACHE_DTYPES, as_bits, store
-from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_tile, num_tiles
+from engram_serve.kernels.cpu_linear import MAX_ROWS
+from engram_serve.kernels.cpu_quant import QuantizedWeight, kernel_arrays, matmul_tile, tile_count
 from engram_serve.kernels.cpu_threads import launch_parallel
+
+MATMUL_WEIGHTS = ("qkv", "o_proj", "gate_up", "down")
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's parameters, float32 (names as in model/llama.py)."""
+    """One decoder layer's parameters, float32 (names as in model/llama.py); each matrix may be
+    a QuantizedWeight instead (kernels/cpu_quant.py), each independently."""
 
     input_norm: torch.Tensor  # [D]
-    qkv: torch.Tensor  # [(H + 2 KVH) hd, D]
+    qkv: torch.Tensor | QuantizedWeight  # [(H + 2 KVH) hd, D]
     qkv_bias: torch.Tensor | None  # [(H + 2 KVH) hd] (Qwen2)
     q_norm: torch.Tensor | None  # [hd] (Qwen3)
     k_norm: torch.Tensor | None  # [hd]
-    o_proj: torch.Tensor  # [D, H hd]
+    o_proj: torch.Tensor | QuantizedWeight  # [D, H hd]
     post_norm: torch.Tensor  # [D]
-    gate_up: torch.Tensor  # [2 FF, D]
-    down: torch.Tensor  # [D, FF]
+    gate_up: torch.Tensor | QuantizedWeight  # [2 FF, D]
+    down: torch.Tensor | QuantizedWeight  # [D, FF]
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
@@ -65,17 +73,18 @@ def _decode_layer_kernel(
     cos, sin, k_cache, v_cache, slots, block_tables, seq_lens, eps, scale, out,
 ):  # fmt: skip
     """out = the layer applied to h `[S, D]` (token s is sequence s's); K/V written to the cache.
-    cos, sin `[S, hd/2]`; q/k norms and the bias may be None."""
+    The matrices are cpu_quant.matmul_tile's weight tuples; cos, sin `[S, hd/2]`; q/k norms and
+    the bias may be None."""
     num_seqs, dim = h.shape
     _, block_size, kv_heads, hd = k_cache.shape
-    heads = (qkv_w.shape[0] // hd) - 2 * kv_heads
+    heads = (qkv_w[0].shape[0] // hd) - 2 * kv_heads
     group, half = heads // kv_heads, hd // 2
 
     x = np.empty((num_seqs, dim), np.float32)
     _rms_norm(h, input_norm, eps, x)
-    qkv = np.empty((num_seqs, qkv_w.shape[0]), np.float32)
-    for tile in numba.prange(num_tiles(qkv_w.shape[0], qkv_w.shape[1])):
-        linear_tile(x, qkv_w, qkv, tile)
+    qkv = np.empty((num_seqs, qkv_w[0].shape[0]), np.float32)
+    for tile in numba.prange(tile_count(qkv_w, dim)):
+        matmul_tile(x, qkv_w, qkv, tile)
 
     # Bias, q/k norms, RoPE (pairs (j, j + hd/2)), then K and V into their cache slots: a
     # sequence a thread, as every step below that is not a matrix product (on one thread these
@@ -110,33 +119,38 @@ def _decode_layer_kernel(
         attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, s, s + 1, attn)
     proj = np.empty((num_seqs, dim), np.float32)
     attn_rows = attn.reshape((num_seqs, heads * hd))
-    for tile in numba.prange(num_tiles(o_w.shape[0], o_w.shape[1])):
-        linear_tile(attn_rows, o_w, proj, tile)
+    for tile in numba.prange(tile_count(o_w, heads * hd)):
+        matmul_tile(attn_rows, o_w, proj, tile)
     for s in numba.prange(num_seqs):
         for i in range(dim):
             out[s, i] = h[s, i] + proj[s, i]
 
     _rms_norm(out, post_norm, eps, x)
-    ff = down_w.shape[1]
+    ff = gate_up_w[0].shape[0] // 2
     gate_up = np.empty((num_seqs, 2 * ff), np.float32)
-    for tile in numba.prange(num_tiles(gate_up_w.shape[0], gate_up_w.shape[1])):
-        linear_tile(x, gate_up_w, gate_up, tile)
+    for tile in numba.prange(tile_count(gate_up_w, dim)):
+        matmul_tile(x, gate_up_w, gate_up, tile)
     act = np.empty((num_seqs, ff), np.float32)
     for s in numba.prange(num_seqs):
         for j in range(ff):
             gate = gate_up[s, j]
             act[s, j] = gate / (np.float32(1.0) + np.exp(-gate)) * gate_up[s, ff + j]
-    for tile in numba.prange(num_tiles(down_w.shape[0], down_w.shape[1])):
-        linear_tile(act, down_w, proj, tile)
+    for tile in numba.prange(tile_count(down_w, ff)):
+        matmul_tile(act, down_w, proj, tile)
     for s in numba.prange(num_seqs):
         for i in range(dim):
             out[s, i] += proj[s, i]
 
 
-def supports(h: torch.Tensor, qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def supports(h: torch.Tensor, qkv: torch.Tensor | QuantizedWeight, k_cache: torch.Tensor) -> bool:
     """Whether this kernel can run the layer: what cpu_linear's tiles take (float32 CPU rows,
-    1..MAX_ROWS of them, against the float32 QKV weight), and a float32 or float16 cache."""
-    return cpu_linear.supports(h, qkv) and k_cache.dtype in CACHE_DTYPES
+    1..MAX_ROWS of them, against the float32 QKV weight) or cpu_quant's (the same rows against a
+    QuantizedWeight), and a float32 or float16 cache."""
+    if isinstance(qkv, QuantizedWeight):
+        fits = cpu_quant.supports(h, qkv) and h.shape[0] <= MAX_ROWS
+    else:
+        fits = cpu_linear.supports(h, qkv)
+    return fits and k_cache.dtype in CACHE_DTYPES
 
 
 def decode_layer(
@@ -152,7 +166,7 @@ def decode_layer(
     seq_lens: torch.Tensor,  # [S] int64, each >= 1, the new token included
     scale: float,
 ) -> torch.Tensor:  # [S, D], the layer's output (h is not changed)
-    tensors = [w for w in weights if w is not None]
+    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
     if (
         not supports(h, weights.qkv, k_cache)
         or v_cache.dtype != k_cache.dtype
@@ -179,7 +193,11 @@ def decode_layer(
     if slots.min() < 0 or slots.max() >= k_cache.shape[0] * k_cache.shape[1]:
         raise ValueError(f"slots span [{slots.min()}, {slots.max()}], outside the pool")
     out = torch.empty_like(h)
-    arrays = [None if w is None else w.detach().contiguous().numpy() for w in weights]
+    arrays = [
+        kernel_arrays(w) if name in MATMUL_WEIGHTS
+        else None if w is None else w.detach().contiguous().numpy()
+        for name, w in zip(LayerWeights._fields, weights, strict=True)
+    ]  # fmt: skip
     launch_parallel(
         _decode_layer_kernel,
         h.contiguous().numpy(),
