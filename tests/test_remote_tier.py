@@ -74,8 +74,8 @@ class MooncakeStore:
 
     def start_master(self) -> None:
         self.masters += 1
-        self.master_proc = self._spawn(f"master-{self.masters}", "mooncake_master", "--port",
-                                       str(self.port), "--metrics_port", str(free_port()))  # fmt: skip
+        ports = ["--port", str(self.port), "--metrics_port", str(free_port())]
+        self.master_proc = self._spawn(f"master-{self.masters}", "mooncake_master", *ports)
 
         def listening() -> bool:
             with socket.socket() as s:
