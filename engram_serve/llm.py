@@ -79,7 +79,7 @@ def build_engine(
         torch.set_num_threads(engine_config.num_threads)
     engram_config = read_engram_config(model_dir) if enable_engram else None
     if engram_config is not None:  # a broken table fails in seconds, before the backbone loads
-        verify_tables(model_dir, full=False)
+        verify_tables(model_dir, full=False, table_files=offload_config.tier != "remote")
     dtype = getattr(torch, engine_config.dtype)
     quantization = resolve_quantization(engine_config, model_dir)
     logger.info(
@@ -128,13 +128,20 @@ def _engram_runtime(
     from engram_serve.offload.prefetch import build_prefetcher
 
     hasher = NgramHasher(engram_config, load_compression(tokenizer.hf_tokenizer))
-    tables = {layer: open_table(model_dir, layer) for layer in engram_config.layer_ids}
+    if offload_config.tier == "remote":  # the published copy, checked against engram.json
+        from engram_serve.offload.remote import open_published
+
+        tables = open_published(
+            model_dir, offload_config.remote_master, offload_config.remote_protocol
+        )
+    else:
+        tables = {layer: open_table(model_dir, layer) for layer in engram_config.layer_ids}
     for layer, table in tables.items():
         expected = int(hasher.table_rows[engram_config.layer_ids.index(layer)])
         if table.rows != expected:
             raise ValueError(
-                f"{table.path} has {table.rows} rows; engram.json and the tokenizer give "
-                f"{expected} for layer {layer}"
+                f"{table.path or 'the published table'} has {table.rows} rows; engram.json and "
+                f"the tokenizer give {expected} for layer {layer}"
             )
     return EngramRuntime(hasher, build_prefetcher(engram_config, tables, offload_config, runtime))
 

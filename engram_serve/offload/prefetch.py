@@ -23,8 +23,8 @@ threads and the rest is enqueued inside wait(). An event is recorded after the l
 wait() makes the compute stream wait on it, so the first Engram layer's fetch never queues
 behind a later layer's. Time blocked in wait() is the stall.
 
-Warm-up (the look-ahead: `OffloadConfig.lookahead`, on for the disk tier, with prefetch and a
-cache):
+Warm-up (the look-ahead: `OffloadConfig.lookahead`, on for the disk and remote tiers, with prefetch
+and a cache):
 `prefetcher.warm(row_ids)` reads rows a later step will likely want (the engine's next prompt
 chunks) into each layer's cache and returns at once. Each layer's jobs run in submission order,
 so a warm-up starts after this step's fetch of that layer (it never delays it) and ends before
@@ -318,8 +318,15 @@ class Prefetcher:
                     total[tier] = total.get(tier, 0) + v
             out[key] = total
         out["store"] = sorted({s["store"] for s in layers.values()})
+        out["tier_state"] = self.tier_state
         out["layers"] = layers
         return out
+
+    @property
+    def tier_state(self) -> str:
+        """What the backing tier can serve now: "ready", or why not (the remote tier's
+        "unreachable" or "unpublished": offload/remote.py)."""
+        return min({f.store.state for f in self.fetchers.values()} - {"ready"}, default="ready")
 
     def close(self) -> None:
         if self._last_step is not None:
@@ -381,6 +388,10 @@ def _store(
         return device_store(table, runtime, progress)
     if offload.tier == "host":
         return host_store(table, runtime, io_pool, offload.shm_name, offload.host_gather, progress)
+    if offload.tier == "remote":
+        from engram_serve.offload.remote import RemoteStore  # Mooncake, where it is used
+
+        return RemoteStore(table, io_pool)
     return DiskStore(table, io_pool, direct=offload.direct_io)
 
 
@@ -422,9 +433,8 @@ def build_prefetcher(
     io_pool = ThreadPoolExecutor(offload.num_io_threads, thread_name_prefix="engram-io")
     capacity = cache_rows_per_layer(offload, tables, len(engram.layer_ids))
     profile = RowProfile.load(offload.hot_profile) if offload.hot_profile else None
-    copies = offload.tier != "disk"
-    table_bytes = sum(t.weight.nbytes + (0 if t.scale is None else t.scale.nbytes)
-                      for t in tables.values())  # fmt: skip
+    copies = offload.tier not in ("disk", "remote")
+    table_bytes = sum(t.rows * (t.row_bytes + t.scale_row_bytes) for t in tables.values())
     bar = tqdm(total=table_bytes, desc=f"Engram tables -> {offload.tier}", unit="B",
                unit_scale=True, disable=not (progress and copies))  # fmt: skip
     fetchers = {}

@@ -13,6 +13,8 @@ kernels/reference.gather_rows uses, so every tier and cache setting yields the s
     disk     DiskStore        the table file                      worker threads pread rows
                                                                   into staging (FP8 scales, 1/32
                                                                   of the table, stay in RAM)
+    remote   RemoteStore      a Mooncake Store cluster: one       worker threads read ranges of
+                              published copy, many servers        rows into staging (remote.py)
 
 Stores that read on the device (`reads_on_device`) take a device index tensor; staged stores
 fill host staging arrays in worker threads.
@@ -38,8 +40,8 @@ from engram_serve.device import DeviceRuntime
 from engram_serve.kernels.reference import DecodeTables, as_bytes, dequantize_rows
 from engram_serve.offload import aio, pinned, pread
 
-Tier = Literal["device", "host", "disk"]
-TIERS: tuple[str, ...] = ("device", "host", "disk")
+Tier = Literal["device", "host", "disk", "remote"]
+TIERS: tuple[str, ...] = ("device", "host", "disk", "remote")
 _STORED_NP: dict[str, Any] = {
     "float32": np.float32,
     "float16": np.float16,
@@ -214,6 +216,7 @@ class DeviceStore:
     or mapped pinned host memory read in place over UVA (host tier on CUDA)."""
 
     reads_on_device = True
+    state = "ready"  # what the tier can serve now (the remote tier's may change)
 
     def __init__(
         self,
@@ -261,6 +264,7 @@ class StagedStore:
     reads_on_device = False
     tier = "host"
     mode = "staged"
+    state = "ready"
     min_chunk_rows = 2048  # memory copies: a task must outweigh the executor's overhead
     max_chunk_rows: int | None = None  # None: one task per thread
 

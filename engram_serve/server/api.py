@@ -305,12 +305,19 @@ async def list_models(request: Request) -> Response:
     "/health", response_class=Response, responses={200: {}, 503: {"model": p.ErrorResponse}}
 )
 async def health(request: Request) -> Response:
+    """503 while the engine cannot serve at all (stopped, draining). Engram tables that cannot be
+    read now (a remote store that is down or unpublished) answer 200 with their state in the
+    body: the process is sound, a restart would not bring the store back, and every replica
+    shares the store (a 503 would restart or unroute them all at once)."""
     engine = _state(request).engine
     if engine.error is not None:
         raise p.APIError(503, f"the engine has stopped: {engine.error!r}")
     if engine.is_draining:
         raise p.APIError(503, "the server is shutting down")
-    return Response(status_code=200)
+    tables = engine.engram_tables
+    if tables is None:
+        return Response(status_code=200)
+    return JSONResponse({"engram_tables": tables})
 
 
 @router.get("/version", response_model=p.VersionResponse)

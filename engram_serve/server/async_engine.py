@@ -159,6 +159,15 @@ class AsyncEngine:
     def is_draining(self) -> bool:
         return self._draining
 
+    @property
+    def engram_tables(self) -> dict[str, str] | None:
+        """{"tier", "state"} of the Engram tables ("ready", or why rows cannot be read now; the
+        remote tier's probe thread keeps it), None without Engram. Safe off the engine thread."""
+        prefetcher = getattr(self.engine.engram, "prefetcher", None)
+        if prefetcher is None:
+            return None
+        return {"tier": prefetcher.offload.tier, "state": prefetcher.tier_state}
+
     # -- requests (event loop) ------------------------------------------------------------------
 
     async def generate(self, requests: list[EngineRequest]) -> Generation:

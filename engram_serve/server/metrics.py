@@ -268,6 +268,8 @@ class EngramMetrics:
         stall_s        float               seconds the model waited for rows (cumulative)
         steps          int                 prefetches started (one per engine step)
         table_bytes    {tier: int}         bytes of tables (and cache) held in each tier
+        tier           str                 the backing tier
+        tier_state     str                 "ready", or why the tier cannot serve rows now
     """
 
     COUNTERS = {
@@ -289,6 +291,11 @@ class EngramMetrics:
             PREFIX + "engram_table_bytes", "Bytes of Engram tables held, by tier.", labels,
             registry=registry, multiprocess_mode="livemax",
         )
+        self.tables_ready = Gauge(
+            PREFIX + "engram_tables_ready",
+            "1 while the Engram tables can be read, 0 while not (a remote store down or "
+            "unpublished), by tier.", labels, registry=registry, multiprocess_mode="livemin",
+        )  # fmt: skip
         self.stall = Histogram(
             PREFIX + "engram_prefetch_stall_seconds",
             "Per step, seconds the model waited for Engram rows.",
@@ -308,6 +315,9 @@ class EngramMetrics:
                     counter.labels(self.model_name, tier).inc(delta)
         for tier, value in per_tier(stats.get("table_bytes"), "all").items():
             self.table_bytes.labels(self.model_name, tier).set(value)
+        if isinstance(stats.get("tier_state"), str):
+            ready = stats["tier_state"] == "ready"
+            self.tables_ready.labels(self.model_name, str(stats.get("tier"))).set(ready)
         self._update_stall(stats)
 
     def _delta(self, key: tuple[str, str], value: float) -> float:
