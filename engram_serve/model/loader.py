@@ -323,9 +323,9 @@ def _set_loaded(
     dense in `dtype` on the runtime's device."""
     if isinstance(value, np.ndarray):  # read from a memory-mapped GGUF: copied out of it
         value = torch.tensor(value)
-    if isinstance(value, torch.Tensor):
-        if quantization in QUANTIZABLE and _is_quantizable(name):
-            value = QuantizedWeight.quantize(value.float(), quantization)
+    quantize = quantization in QUANTIZABLE and _is_quantizable(name)
+    if quantize and isinstance(value, torch.Tensor):
+        value = QuantizedWeight.quantize(value.float(), quantization)
     if tuple(value.shape) != tuple(expected[name]):
         _wrong_shape(file, name, tuple(value.shape), expected)
     if isinstance(value, torch.Tensor):

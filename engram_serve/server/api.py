@@ -38,6 +38,7 @@ from engram_serve.config import ServerConfig
 from engram_serve.engine.engine import Engine
 from engram_serve.engine.request import RequestOutput, StructuredOutputs
 from engram_serve.engine.scheduler import QueueFullError
+from engram_serve.kernels.cpu_threads import WorkerThread
 from engram_serve.server import protocol as p
 from engram_serve.server.async_engine import (
     AsyncEngine,
@@ -86,15 +87,18 @@ def _state(request: Request) -> ServerState:
 # -- the app --------------------------------------------------------------------------------------
 
 
-def build_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`; the engine thread runs while the app's lifespan does."""
+def build_app(
+    engine: Engine, config: ServerConfig | None = None, engine_thread: WorkerThread | None = None
+) -> FastAPI:
+    """The FastAPI app serving `engine`; the engine thread runs while the app's lifespan does:
+    `engine_thread` where given (the one that built the engine), else a new one."""
     config = config or ServerConfig()
     model_name = config.served_model_name or engine.tokenizer.model_dir.name
     metrics = ServerMetrics(
         model_name, engine.max_model_len, stats_interval_s=config.stats_interval_s
     )
     state = ServerState(
-        engine=AsyncEngine(engine, metrics.observe),
+        engine=AsyncEngine(engine, metrics.observe, thread=engine_thread),
         metrics=metrics,
         config=config,
         model_name=model_name,

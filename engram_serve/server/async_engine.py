@@ -27,6 +27,7 @@ from jinja2 import TemplateError
 from engram_serve.engine.engine import Engine
 from engram_serve.engine.request import RequestOutput, SamplingParams, StructuredOutputs
 from engram_serve.engine.tool_calls import ToolUse
+from engram_serve.kernels.cpu_threads import WorkerThread
 
 logger = logging.getLogger(__name__)
 
@@ -117,30 +118,33 @@ class AsyncEngine:
         engine: Engine,
         observe: Callable[[Engine, list[RequestOutput]], None] | None = None,
         idle_wake_s: float = 1.0,
+        thread: WorkerThread | None = None,
     ):
+        """`thread`: the thread to step on, best the one that built the engine (WorkerThread's
+        docstring says why); None: a new one."""
         self.engine, self._observe, self._idle_wake_s = engine, observe, idle_wake_s
+        self._worker = thread
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._routes: dict[str, tuple[Generation, int]] = {}  # engine thread only
         self._lock = threading.Lock()  # orders "is it dead?" against "fail what is queued"
         self._error: BaseException | None = None
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._done: Future[None] | None = None  # the engine loop's end
 
     # -- lifecycle (event loop) -----------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        self._done = (self._worker or WorkerThread("engine")).submit(self._run)
 
     async def stop(self) -> None:
         """Abort what is left and end the engine thread."""
         with self._lock:
             if self._error is None:
                 self._commands.put(_STOP)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._done is not None:
+            await asyncio.wrap_future(self._done)
 
     def drain(self, timeout_s: float) -> None:
         """Shutdown: take no new requests; abort those still running after `timeout_s`."""

@@ -22,6 +22,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from engram_serve.config import ServerConfig
+from engram_serve.engine.engine import Engine
+from engram_serve.kernels.cpu_threads import WorkerThread
 from engram_serve.server.api import build_app
 from engram_serve.server.metrics import MULTIPROC_ENV, is_multiprocess
 
@@ -93,13 +95,23 @@ def run_server(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=int(config.shutdown_timeout_s + SHUTDOWN_GRACE_S),
     )
     if config.workers == 1:
-        from engram_serve.engine_args import engine_from_args
-
-        engine = engine_from_args(args)
-        engine.warm_up()
-        uvicorn.run(build_app(engine, config), **options)
+        uvicorn.run(_app_on_engine_thread(args, config), **options)
         return
     _run_workers(args, config, options)
+
+
+def _app_on_engine_thread(args: argparse.Namespace, config: ServerConfig) -> FastAPI:
+    """The app, its engine built, warmed up and later stepped on one thread (WorkerThread's
+    docstring says why)."""
+    from engram_serve.engine_args import engine_from_args
+
+    def build() -> Engine:
+        engine = engine_from_args(args)
+        engine.warm_up()
+        return engine
+
+    thread = WorkerThread("engine")
+    return build_app(thread.submit(build).result(), config, engine_thread=thread)
 
 
 def _run_workers(args: argparse.Namespace, config: ServerConfig, options: dict) -> None:
@@ -120,13 +132,9 @@ def _run_workers(args: argparse.Namespace, config: ServerConfig, options: dict) 
 
 def create_worker_app() -> FastAPI:
     """The app of one worker process (an app factory for uvicorn)."""
-    from engram_serve.engine_args import engine_from_args
-
     args = argparse.Namespace(**json.loads(os.environ[WORKER_ARGS_ENV]))
     _setup_logging(args.log_level)
-    engine = engine_from_args(args)
-    engine.warm_up()
-    return build_app(engine, server_config_from_args(args))
+    return _app_on_engine_thread(args, server_config_from_args(args))
 
 
 def _setup_logging(level: str) -> None:
