@@ -751,8 +751,9 @@ def test_cpu_decode_layer_refuses_what_it_cannot_run():
     h, weights, rope, (k, v), meta = _decode_layer_case()
 
     def call(h=h, weights=weights, k=k, v=v, **changes):
-        args = {**meta, **changes}
-        return cpu_decode.decode_layer(h, weights, 1e-6, *rope, k, v, **args, scale=0.5)
+        step = cpu_decode.decode_step(*rope, **{**meta, **changes}, k_cache=k)
+        arrays = cpu_decode.kernel_weights(weights)
+        return cpu_decode.decode_layer(h, arrays, 1e-6, step, k, v, scale=0.5)
 
     out = call()
     assert out.shape == h.shape and out.isfinite().all() and not torch.equal(out, h)
@@ -761,8 +762,12 @@ def test_cpu_decode_layer_refuses_what_it_cannot_run():
     assert not cpu_decode.supports(h.bfloat16(), weights.qkv, k)
     assert not cpu_decode.supports(h, weights.qkv.bfloat16(), k)
     assert not cpu_decode.supports(h, weights.qkv, k.bfloat16())
-    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
+    with pytest.raises(ValueError, match="needs float32 CPU tensors and 1..256 sequences"):
         call(h=h.double())
+    with pytest.raises(ValueError, match="one a slot, got h torch.float32 .3, 8. .* for 2 slots"):
+        call(h=torch.randn(3, 8))
+    with pytest.raises(ValueError, match="float32 or float16 caches, got torch.bfloat16"):
+        call(k=k.bfloat16(), v=v.bfloat16())
     with pytest.raises(ValueError, match="needs float32 CPU tensors"):
         call(weights=weights._replace(down=weights.down.half()))
     with pytest.raises(ValueError, match="q_norm and k_norm come together"):

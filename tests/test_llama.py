@@ -132,7 +132,7 @@ def test_logits_only_for_requested_positions(case):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=str)
 def test_decode_steps_run_the_fused_layer_and_equal_the_unfused_one(case, monkeypatch, cache_dtype):
     """A decode-only step runs each layer as one compiled call (kernels/cpu_decode.py); the
-    same step with the batch marked mixed runs the eager layers. Both give the same hidden
+    same step without the decode inputs runs the eager layers. Both give the same hidden
     states and write the same K/V into the cache (a float16 cache: the same float16 values, but
     for the rare one that the float32 sums' last bits round to the neighbouring float16)."""
     from engram_serve.kernels import cpu_decode
@@ -146,18 +146,21 @@ def test_decode_steps_run_the_fused_layer_and_equal_the_unfused_one(case, monkey
     assert batch.attn.is_decode_only
     calls = []
     monkeypatch.setattr(cpu_decode, "decode_layer", _counting(cpu_decode.decode_layer, calls))
-    eager = dataclasses.replace(batch, attn=dataclasses.replace(batch.attn, is_decode_only=False))
     h = model.model.embed_tokens(batch.token_ids)
     rope = model.model.rotary_emb(batch.positions, h.dtype)
+    meta = batch.attn
+    decode = cpu_decode.decode_step(
+        *rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, batch.cache.k[0]
+    )
     with torch.inference_mode():
         for layer in model.model.layers:
             caches = (batch.cache.k[layer.layer_id], batch.cache.v[layer.layer_id])
             before = [c.clone() for c in caches]
-            fused = layer(h, rope, batch)
+            fused = layer(h, rope, batch, decode)
             fused_caches = [c.clone() for c in caches]
             for cache, old in zip(caches, before, strict=True):
                 cache.copy_(old)
-            unfused = layer(h, rope, eager)
+            unfused = layer(h, rope, batch)  # no decode step given: the eager layer
             torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=1e-5)
             for got, want, old in zip(fused_caches, caches, before, strict=True):
                 assert got.dtype == cache_dtype

@@ -322,7 +322,9 @@ def test_decode_layer_with_quantized_weights_equals_their_float32_values(layout)
     for weights in (quantized, dense):
         h, layer, rope, (k, v), meta = _decode_case(weights, dim, kv_heads, hd)
         assert cpu_decode.supports(h, layer.qkv, k)
-        out = cpu_decode.decode_layer(h, layer, 1e-6, *rope, k, v, **meta, scale=hd**-0.5)
+        step = cpu_decode.decode_step(*rope, **meta, k_cache=k)
+        arrays = cpu_decode.kernel_weights(layer)
+        out = cpu_decode.decode_layer(h, arrays, 1e-6, step, k, v, scale=hd**-0.5)
         outputs.append((out, k, v))
     (out, k, v), (want, want_k, want_v) = outputs
     assert not torch.equal(out, h)

@@ -153,34 +153,26 @@ def supports(h: torch.Tensor, qkv: torch.Tensor | QuantizedWeight, k_cache: torc
     return fits and k_cache.dtype in CACHE_DTYPES
 
 
-def decode_layer(
-    h: torch.Tensor,  # [S, D] float32, token s is sequence s's one new token
-    weights: LayerWeights,
-    eps: float,
+class DecodeStep(NamedTuple):
+    """A decode step's inputs that every layer shares, checked against the KV pool and
+    converted for the kernel once a step (per layer they were ~1.5 ms of a ~14 ms step)."""
+
+    cos: np.ndarray  # [S, hd/2]
+    sin: np.ndarray
+    slots: np.ndarray  # [S] int64
+    tables: np.ndarray  # [S, max_blocks] int64
+    lens: np.ndarray  # [S] int64
+
+
+def decode_step(
     cos: torch.Tensor,  # [S, 1, hd/2] (model/llama.RotaryEmbedding)
     sin: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd] float32 or float16, written
-    v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [S] int64
     block_tables: torch.Tensor,  # [S, max_blocks] int64
     seq_lens: torch.Tensor,  # [S] int64, each >= 1, the new token included
-    scale: float,
-) -> torch.Tensor:  # [S, D], the layer's output (h is not changed)
-    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
-    if (
-        not supports(h, weights.qkv, k_cache)
-        or v_cache.dtype != k_cache.dtype
-        or any(t.dtype != torch.float32 for t in tensors)
-    ):
-        raise ValueError(
-            f"decode_layer needs float32 CPU tensors and 1..{MAX_ROWS} sequences, got h "
-            f"{h.dtype} {tuple(h.shape)} on {h.device}"
-        )
-    if (weights.q_norm is None) != (weights.k_norm is None):
-        raise ValueError("q_norm and k_norm come together")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV caches must be contiguous")
-    num_seqs = h.shape[0]
+    k_cache: torch.Tensor,  # any layer's: they share one shape
+) -> DecodeStep:
+    num_seqs = cos.shape[0]  # a token a sequence
     if not (slot_mapping.shape == seq_lens.shape == (num_seqs,) == block_tables.shape[:1]):
         raise ValueError(
             f"{num_seqs} tokens need {num_seqs} slots, lengths and block tables, got "
@@ -192,23 +184,63 @@ def decode_layer(
     check_in_pool(tables, lens, k_cache)
     if slots.min() < 0 or slots.max() >= k_cache.shape[0] * k_cache.shape[1]:
         raise ValueError(f"slots span [{slots.min()}, {slots.max()}], outside the pool")
-    out = torch.empty_like(h)
-    arrays = [
+    rope = (t.reshape(num_seqs, -1).contiguous().numpy() for t in (cos, sin))
+    return DecodeStep(*rope, slots, tables, lens)
+
+
+def kernel_weights(weights: LayerWeights) -> tuple:
+    """A layer's weights as the kernel takes them (once per layer: they stay valid while the
+    tensors do)."""
+    if any(isinstance(w, torch.Tensor) and w.dtype != torch.float32 for w in weights):
+        raise ValueError(
+            "decode_layer needs float32 CPU tensors: got weights of "
+            f"{sorted({str(w.dtype) for w in weights if isinstance(w, torch.Tensor)})}"
+        )
+    if (weights.q_norm is None) != (weights.k_norm is None):
+        raise ValueError("q_norm and k_norm come together")
+    return tuple(
         kernel_arrays(w) if name in MATMUL_WEIGHTS
         else None if w is None else w.detach().contiguous().numpy()
         for name, w in zip(LayerWeights._fields, weights, strict=True)
-    ]  # fmt: skip
+    )  # fmt: skip
+
+
+def decode_layer(
+    h: torch.Tensor,  # [S, D] float32, token s is sequence s's one new token
+    weights: tuple,  # kernel_weights(LayerWeights)
+    eps: float,
+    step: DecodeStep,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd] float32 or float16, written
+    v_cache: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # [S, D], the layer's output (h is not changed)
+    if not (
+        h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and h.dim() == 2
+        and 0 < h.shape[0] <= MAX_ROWS
+        and h.shape[0] == step.slots.shape[0]
+    ):
+        raise ValueError(
+            f"decode_layer needs float32 CPU tensors and 1..{MAX_ROWS} sequences, one a slot, got "
+            f"h {h.dtype} {tuple(h.shape)} on {h.device} for {step.slots.shape[0]} slots"
+        )
+    if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"decode_layer needs float32 or float16 caches, got {k_cache.dtype}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+    out = torch.empty_like(h)
     launch_parallel(
         _decode_layer_kernel,
         h.contiguous().numpy(),
-        *arrays,
-        cos.reshape(num_seqs, -1).contiguous().numpy(),
-        sin.reshape(num_seqs, -1).contiguous().numpy(),
+        *weights,
+        step.cos,
+        step.sin,
         as_bits(k_cache),
         as_bits(v_cache),
-        slots,
-        tables,
-        lens,
+        step.slots,
+        step.tables,
+        step.lens,
         np.float32(eps),
         np.float32(scale),
         out.numpy(),

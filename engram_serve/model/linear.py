@@ -17,6 +17,8 @@ Weight = torch.Tensor | QuantizedWeight
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):  # the kernels take and give float32 activations
+        if x.shape[0] == 0:  # a step that samples nothing (prefill chunks only)
+            return x.new_empty(0, weight.shape[0])
         return cpu_quant.linear(x.float(), weight, bias).to(x.dtype)
     if cpu_linear.supports(x, weight):
         return cpu_linear.linear_cpu(x, weight, bias)

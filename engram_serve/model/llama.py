@@ -200,23 +200,43 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
         self.engram = None
+        self._kernel_weights: tuple | None = None  # (LayerWeights, their kernel arrays)
         if engram_config is not None and layer_id in engram_config.layer_ids:
             self.engram = build_engram(engram_config, config.hidden_size)
 
     def forward(
-        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        decode: cpu_decode.DecodeStep | None = None,
     ) -> torch.Tensor:  # [T, D] -> [T, D]
+        """`decode`: a decode-only step's inputs for the fused layer (LlamaModel.forward)."""
         if self.engram is not None:
             h = self.apply_engram(h, batch)
         fusable = cpu_decode.supports(h, self.self_attn.qkv_weight, batch.cache.k[self.layer_id])
-        if batch.attn.is_decode_only and fusable:
-            return self.decode_fused(h, rope, batch)
+        if decode is not None and fusable:
+            return self.decode_fused(h, decode, batch)
         h = h + self.self_attn(self.input_layernorm(h), rope, batch)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def decode_fused(
-        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
+        self, h: torch.Tensor, decode: cpu_decode.DecodeStep, batch: ForwardBatch
     ) -> torch.Tensor:  # [S, D] -> [S, D]: the same layer as one compiled call
+        attn, cache = self.self_attn, batch.cache
+        return cpu_decode.decode_layer(
+            h,
+            self.kernel_weights(),
+            self.input_layernorm.eps,
+            decode,
+            cache.k[self.layer_id],
+            cache.v[self.layer_id],
+            attn.scale,
+        )
+
+    def kernel_weights(self) -> tuple:
+        """The fused layer's weights as its kernel takes them, converted again only when a
+        weight was replaced (the loader does, before the first step)."""
         attn, mlp = self.self_attn, self.mlp
         qk_norm = hasattr(attn, "q_norm")
         weights = cpu_decode.LayerWeights(
@@ -230,19 +250,10 @@ class LlamaDecoderLayer(nn.Module):
             mlp.gate_up_weight,
             mlp.down_proj.weight,
         )
-        meta, cache = batch.attn, batch.cache
-        return cpu_decode.decode_layer(
-            h,
-            weights,
-            self.input_layernorm.eps,
-            *rope,
-            cache.k[self.layer_id],
-            cache.v[self.layer_id],
-            meta.slot_mapping,
-            meta.block_tables,
-            meta.seq_lens,
-            attn.scale,
-        )
+        cached = self._kernel_weights
+        if cached is None or any(a is not b for a, b in zip(cached[0], weights, strict=True)):
+            cached = self._kernel_weights = (weights, cpu_decode.kernel_weights(weights))
+        return cached[1]
 
     def apply_engram(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if batch.engram_rows is None:
@@ -276,8 +287,15 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, D], before the final norm
         h = self.embed_tokens(batch.token_ids)  # [T, D]
         rope = self.rotary_emb(batch.positions, h.dtype)  # cos, sin, shared by all layers
+        decode = None
+        meta, cache = batch.attn, batch.cache
+        if meta.is_decode_only and cpu_decode.supports(h, self.layers[0].self_attn.qkv_weight,
+                                                       cache.k[0]):  # fmt: skip
+            decode = cpu_decode.decode_step(
+                *rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, cache.k[0]
+            )
         for layer in self.layers:
-            h = layer(h, rope, batch)
+            h = layer(h, rope, batch, decode)
         return h
 
 
