@@ -46,9 +46,11 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30
     max_waiting: int = 1024  # waiting-queue limit; beyond it add_request refuses
     seed: int = 0
-    dtype: str = "float32"
-    # The KV cache's element type. "auto": float16 under a float32 or float16 model (half the
-    # bytes of float32; the CPU kernels convert in registers), the model's dtype otherwise.
+    # The activations' dtype. "auto": bfloat16 for quantized weights on a CPU with bfloat16
+    # matmul instructions (their prefill-sized products only), else float32 (llm.py).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # The KV cache's element type. "auto": float16 on the CPU (half float32's bytes; the CPU
+    # kernels convert in registers) and under a float32 model, else the model's dtype.
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # The backbone's weights (model/loader.py): "none" dense in `dtype`; "gguf" the model's GGUF
     # blocks as they are; q4_0, q4_1, q8_0 quantized at load. "auto": "gguf" on the CPU where
@@ -63,7 +65,9 @@ class EngineConfig:
         """`kv_cache_dtype` resolved."""
         if self.kv_cache_dtype != "auto":
             return self.kv_cache_dtype
-        return "float16" if self.dtype in ("float32", "float16") else self.dtype
+        return (
+            "float16" if self.device == "cpu" or self.dtype in ("auto", "float32") else self.dtype
+        )
 
 
 @dataclass(frozen=True)

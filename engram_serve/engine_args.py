@@ -25,7 +25,7 @@ _FLAG_HELP = {
     "prefetch": "fetch Engram rows ahead of the layers that need them",
     "lookahead": "also read the next step's prompt rows into the row cache during this step "
     "(default: on for the disk tier)",
-    "kv_cache_dtype": "KV cache element type (auto: float16 under a float32 or float16 model)",
+    "kv_cache_dtype": "KV cache element type (auto: float16 on the CPU and under float32 models)",
     "quantization": "backbone weights: auto (the model's GGUF blocks on the CPU where it has "
     "them), none (dense in --dtype), gguf, or quantized at load: q4_0, q4_1, q8_0",
     "remote_master": "remote tier: the Mooncake master HOST:PORT the tables were published to",

@@ -50,6 +50,7 @@ from engram_serve.engram.tables import (
     table_path,
     verify_tables,
 )
+from engram_serve.kernels.cpu_quant import QuantizedWeight
 from engram_serve.llm import LLM
 from engram_serve.model.default_model import DEFAULT_ENGRAM, packaged_gguf_path
 from engram_serve.model.retrofit import init_tables
@@ -535,3 +536,26 @@ def test_tiny_model_with_nonzero_demo_engram(default_model_dir, tmp_path):
     )  # fmt: skip
     prompts = mixed_prompts(llm.get_tokenizer(), (1, 3, 9, 17, 26, 41))
     check_engram(llm, tmp_path, hf_model, prompts, max_tokens=14, atol=TINY_ATOL)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_configuration_keeps_transformers_greedy_text(default_model_dir, smollm2_hf, dtype):
+    """The default configuration (the GGUF's blocks read in place, a float16 KV cache), with
+    prefill-sized products in float32 or bfloat16: greedy continuations of 6 prompts of 24
+    tokens, prefilled in one step with 10 more (384 rows: the products above 256 rows run in
+    `dtype`), equal transformers' float32 ones on the dequantized model for at least 5 of the 6.
+    This is the bar a default must pass (docs/cpu-serving.md)."""
+    llm = LLM(default_model_dir, enable_engram=False, dtype=dtype, max_model_len=128)
+    assert isinstance(llm.engine.model.lm_head.weight, QuantizedWeight)
+    assert llm.engine.cache.k[0].dtype == torch.float16
+    ids = llm.get_tokenizer().encode(" ".join(TEXTS) * 3)
+    prompts = [ids[17 * i : 17 * i + 24] for i in range(16)]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)][:6]
+    with torch.no_grad():
+        theirs = [
+            smollm2_hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, 24:]
+            for p in prompts[:6]
+        ]
+    equal = sum(a == b.tolist() for a, b in zip(ours, theirs, strict=True))
+    assert equal >= 5, f"{equal} of 6 continuations equal transformers'"

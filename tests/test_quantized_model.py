@@ -125,11 +125,21 @@ def test_quantization_refusals(quantized_gguf, tmp_path):
         QuantizedWeight.quantize(torch.zeros(4, 64), "q4_k")
 
 
-def test_default_engine_config_resolves_to_the_gguf_weights(default_model_dir):
-    """ "auto" picks the GGUF's own weights where the directory has them, on the CPU."""
+def test_auto_resolves_to_the_gguf_weights_and_bf16_prefill_where_the_cpu_has_it(
+    default_model_dir, monkeypatch
+):
+    """ "auto" picks the GGUF's own weights where the directory has them, on the CPU, and
+    bfloat16 prefill products for them where the CPU has bfloat16 matmul instructions."""
+    from engram_serve import llm
     from engram_serve.config import EngineConfig
-    from engram_serve.llm import resolve_quantization
 
-    assert resolve_quantization(EngineConfig(), default_model_dir) == "gguf"
-    assert resolve_quantization(EngineConfig(device="cuda"), default_model_dir) == "none"
-    assert resolve_quantization(EngineConfig(quantization="q8_0"), default_model_dir) == "q8_0"
+    def resolved(has_bf16: bool, **fields):
+        monkeypatch.setattr(llm, "has_bf16_matmul", lambda: has_bf16)
+        config = llm.resolve_engine_config(EngineConfig(**fields), default_model_dir)
+        return config.quantization, config.dtype
+
+    assert resolved(True) == ("gguf", "bfloat16")
+    assert resolved(False) == ("gguf", "float32")
+    assert resolved(True, quantization="none") == ("none", "float32")
+    assert resolved(True, device="cuda") == ("none", "float32")
+    assert resolved(True, quantization="q8_0", dtype="float32") == ("q8_0", "float32")

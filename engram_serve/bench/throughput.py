@@ -3,7 +3,8 @@ and output lengths uniform in [low, high], random token ids, ignore_eos; output 
 second. One run measures, side by side on the same model and requests:
 
 - our engine (Engram on, tables as configured) and our engine with Engram off, in `--rounds`
-  alternating runs (A B B A ...), averaged;
+  alternating runs (A B B A ...), averaged, and with `--also` the engine in other dtypes and
+  weight formats (`bfloat16/gguf`, `float32/none`, ...) in the same alternation;
 - Hugging Face transformers' batched `generate` (batches of `--hf-batch` prompts, left-padded,
   each batch generating its longest requested output, as vLLM's HF backend does; only the
   requested tokens count);
@@ -17,6 +18,7 @@ second. One run measures, side by side on the same model and requests:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -279,6 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, A B B A")
+    parser.add_argument(
+        "--also", nargs="*", default=[], metavar="DTYPE/QUANTIZATION",
+        help="more engines (Engram on) beside the defaults, e.g. bfloat16/gguf float32/none",
+    )  # fmt: skip
     parser.add_argument("--engram-tier", default="device")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the engines and transformers")
     parser.add_argument(
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="results/throughput.json")
     args = parser.parse_args(argv)
 
-    from engram_serve.llm import build_engine, resolve_model_dir
+    from engram_serve.llm import build_engine, resolve_engine_config, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     engine_config = workload_engine_config(args, kv_cache_bytes=4 << 30)
@@ -304,6 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
         "engram": build_engine(model_dir, engine_config, offload, enable_engram=True),
         "no_engram": build_engine(model_dir, engine_config, offload, enable_engram=False),
     }
+    resolved = resolve_engine_config(engine_config, model_dir)
+    results["defaults"] = {
+        "dtype": resolved.dtype,
+        "quantization": resolved.quantization,
+        "kv_cache_dtype": resolved.cache_dtype,
+    }
+    for spec in args.also:  # the same engine in another dtype / weight format
+        dtype, _, quantization = spec.partition("/")
+        other = dataclasses.replace(engine_config, dtype=dtype, quantization=quantization or "auto")
+        engines[spec] = build_engine(model_dir, other, offload, enable_engram=True)
     config = engines["engram"].model_config
     workload = make_workload(args.num_seqs, args.low, args.high, config.vocab_size)
     flops = model_flops(config, workload)
@@ -353,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     peaks.append(matmul_peak_gflops(device=args.device))
     results["matmul_peak_gflops"] = peak = max(peaks)
     results["matmul_peak_gflops_each"] = peaks
-    for name in ("engram", "no_engram", "transformers", "ceiling"):
+    for name in ("engram", "no_engram", *args.also, "transformers", "ceiling"):
         if name in results:
             results[name]["mfu"] = flops / results[name]["seconds"] / 1e9 / peak
             _print_row(name, results[name])

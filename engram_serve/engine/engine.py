@@ -84,7 +84,7 @@ class Engine:
             config.kv_block_size,
             self.cache_dtype,
             self._engram_conv_shapes(),
-            getattr(torch, config.dtype),
+            model.model.norm.weight.dtype,  # the activations' (float32 for quantized weights)
             self.runtime,
         )
         self.inputs = Uploader(self.runtime, np.int64)

@@ -581,6 +581,7 @@ def linear(
     weight: QuantizedWeight,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     num_threads: int | None = None,  # None: torch's thread count
+    prefill_dtype: torch.dtype = torch.float32,  # the matmuls' above BAND_MIN_ROWS rows
 ) -> torch.Tensor:  # [M, N] float32
     if not supports(x, weight):
         raise ValueError(
@@ -588,7 +589,7 @@ def linear(
             f"{_tensor(x)} and {weight!r:.80}"
         )
     if x.shape[0] > BAND_MIN_ROWS:
-        out = _banded(x, weight, num_threads)
+        out = _banded(x, weight, num_threads, prefill_dtype)
     else:
         out = torch.empty(x.shape[0], weight.shape[0])
         x_np = x.detach().contiguous().numpy()
@@ -602,19 +603,23 @@ def _tensor(x: object) -> str:
     return type(x).__name__
 
 
-def _banded(x: torch.Tensor, weight: QuantizedWeight, num_threads: int | None) -> torch.Tensor:
+def _banded(
+    x: torch.Tensor, weight: QuantizedWeight, num_threads: int | None, dtype: torch.dtype
+) -> torch.Tensor:
     """x @ W^T for many rows: W dequantized a band of rows at a time into one float32 buffer,
-    each band multiplied by torch (MKL) into its columns of the output."""
+    each band multiplied by torch into its columns of the output: in float32 (MKL), or in
+    bfloat16 (oneDNN: AMX tiles or AVX512-BF16 where the CPU has them; x, the band and the
+    products' float32 sums rounded to bfloat16)."""
     n, k = weight.shape
     band = max(TILE, BAND_ELEMENTS // k)
     buffer = torch.empty(min(band, n), k)
     out = torch.empty(x.shape[0], n)
-    x = x.detach().contiguous()
+    x = x.detach().to(dtype).contiguous()
     for lo in range(0, n, band):
         hi = min(n, lo + band)
         rows = np.arange(lo, hi)
         launch_parallel(
             _dequantize_rows, weight.arrays, rows, buffer.numpy(), num_threads=num_threads
         )
-        torch.mm(x, buffer[: hi - lo].t(), out=out[:, lo:hi])
+        out[:, lo:hi] = torch.mm(x, buffer[: hi - lo].to(dtype).t())
     return out

@@ -31,6 +31,14 @@ def prefer_wide_vectors() -> None:
     numba.config.CPU_FEATURES = features  # in case numba was imported first
 
 
+def has_bf16_matmul() -> bool:
+    """Whether torch's bfloat16 matmuls run on bfloat16 instructions here (AMX or
+    AVX512-BF16), which is what makes them faster than float32's."""
+    import torch
+
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def bf16_matmul_path() -> str:
     """Which hardware torch's bfloat16 matmuls (oneDNN) run on here, as the start-up log says
     it: AMX tiles, AVX512-BF16 dot products, or float32 arithmetic on converted values (slower

@@ -5,6 +5,10 @@ put one on a module."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,10 +23,25 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     if isinstance(weight, QuantizedWeight):  # the kernels take and give float32 activations
         if x.shape[0] == 0:  # a step that samples nothing (prefill chunks only)
             return x.new_empty(0, weight.shape[0])
-        return cpu_quant.linear(x.float(), weight, bias).to(x.dtype)
+        dtype = _prefill_dtype.get()
+        return cpu_quant.linear(x.float(), weight, bias, prefill_dtype=dtype).to(x.dtype)
     if cpu_linear.supports(x, weight):
         return cpu_linear.linear_cpu(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+_prefill_dtype: ContextVar[torch.dtype] = ContextVar("prefill_dtype", default=torch.float32)
+
+
+@contextmanager
+def prefill_in(dtype: torch.dtype) -> Iterator[None]:
+    """Within: quantized products of prefill-sized inputs (cpu_quant.BAND_MIN_ROWS rows or
+    more) run in `dtype` (bfloat16: oneDNN on AMX or AVX512-BF16), on this thread only."""
+    token = _prefill_dtype.set(dtype)
+    try:
+        yield
+    finally:
+        _prefill_dtype.reset(token)
 
 
 def set_weight(module: nn.Module, name: str, value: Weight | None) -> None:

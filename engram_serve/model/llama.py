@@ -25,7 +25,15 @@ from engram_serve.kernels import cpu_decode
 from engram_serve.model.attention import paged_attention
 from engram_serve.model.batch import ForwardBatch
 from engram_serve.model.engram import build_engram
-from engram_serve.model.linear import Linear, QuantizedWeight, Weight, linear, set_fused, set_weight
+from engram_serve.model.linear import (
+    Linear,
+    QuantizedWeight,
+    Weight,
+    linear,
+    prefill_in,
+    set_fused,
+    set_weight,
+)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -285,7 +293,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, D], before the final norm
-        h = self.embed_tokens(batch.token_ids)  # [T, D]
+        # A quantized table gives float32 rows: the model's dtype is its norms'.
+        h = self.embed_tokens(batch.token_ids).to(self.norm.weight.dtype)  # [T, D]
         rope = self.rotary_emb(batch.positions, h.dtype)  # cos, sin, shared by all layers
         decode = None
         meta, cache = batch.attn, batch.cache
@@ -308,6 +317,9 @@ class LlamaForCausalLM(nn.Module):
         self.config, self.engram_config = config, engram_config
         self.model = LlamaModel(config, engram_config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The dtype of quantized weights' prefill-sized products (model/linear.prefill_in); the
+        # loader sets it.
+        self.prefill_dtype = torch.float32
         self.tie_weights()
         self.fuse_projections()
 
@@ -326,8 +338,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        h = self.model(batch)[batch.logits_indices]  # [S', D]: skip lm_head on other tokens
-        return self.lm_head(self.model.norm(h)).float()  # [S', vocab]
+        with prefill_in(self.prefill_dtype):
+            h = self.model(batch)[batch.logits_indices]  # [S', D]: skip lm_head on other tokens
+            return self.lm_head(self.model.norm(h)).float()  # [S', vocab]
 
 
 def _check_config(config: ModelConfig, engram_config: EngramConfig | None) -> None:

@@ -162,11 +162,16 @@ def load_model(
     `quantization` (QUANTIZATIONS): "none" keeps every weight dense in `dtype`; "gguf" loads the
     backbone from the directory's model.gguf with its block-quantized weights kept as they are;
     a format of kernels/cpu_quant.QUANTIZABLE quantizes the backbone's projections, embedding
-    and head as they load (llama.cpp's reference quantizer). Quantized weights run on the CPU.
+    and head as they load (llama.cpp's reference quantizer). Quantized weights run on the CPU,
+    in float32 but for prefill-sized products, which run in `dtype` (bfloat16 on AMX or
+    AVX512-BF16 where asked): the model's other tensors are then float32.
     """
     runtime = runtime or CpuRuntime()
     model_dir = Path(path)
     config = load_model_config(model_dir)
+    prefill_dtype = dtype
+    if quantization != "none":  # the quantized kernels compute in float32 (prefill: `dtype`)
+        dtype = torch.float32
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"quantization {quantization!r} unknown; use one of {QUANTIZATIONS}")
     if quantization != "none" and runtime.device.type != "cpu":
@@ -209,6 +214,7 @@ def load_model(
     place_on_device(model, runtime)  # what the checkpoint does not hold (RoPE, fresh modules)
     model.tie_weights()
     model.fuse_projections()
+    model.prefill_dtype = prefill_dtype
     _check_materialised(model)
     return model.eval()
 
