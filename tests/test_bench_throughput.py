@@ -53,7 +53,10 @@ def test_the_recorded_schedule_covers_every_token_once(default_model_dir):
     assert max(step.num_sampled for step in steps) <= 4
     # A lone request's steps: contexts grow by the tokens each step computes.
     model = engine.model_config
-    token_bytes = 2 * model.num_hidden_layers * model.num_key_value_heads * model.attn_head_dim * 4
+    element = engine.cache.k[0].element_size()  # the float16 KV cache: 2 bytes
+    token_bytes = (
+        2 * model.num_hidden_layers * model.num_key_value_heads * model.attn_head_dim * element
+    )
     steps = record_schedule(engine, make_workload(1, 70, 70, model.vocab_size))
     assert [s.kv_bytes // token_bytes for s in steps[:3]] == [64, 70, 71]
 

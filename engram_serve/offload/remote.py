@@ -37,6 +37,7 @@ resume with no restart; the store nodes and this client reconnect to the new mas
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import json
@@ -102,6 +103,9 @@ def _layer_layout(layout: TableLayout) -> dict[str, Any]:
     }
 
 
+_open_clients: set[Any] = set()  # connected clients, closed at exit if still open
+
+
 def connect(master: str, protocol: str = "tcp") -> Any:
     """A Mooncake Store client of `master` (HOST:PORT) that contributes no memory of its own."""
     try:
@@ -118,7 +122,22 @@ def connect(master: str, protocol: str = "tcp") -> Any:
                         protocol, "", master)  # fmt: skip
     if code != 0:
         raise ConnectionError(f"cannot reach the Mooncake master at {master} (error {code})")
+    if not _open_clients:
+        atexit.register(_disconnect_all)
+    _open_clients.add(client)
     return client
+
+
+def disconnect(client: Any) -> None:
+    _open_clients.discard(client)
+    client.close()
+
+
+def _disconnect_all() -> None:
+    """At exit, the clients still open: Mooncake's threads must stop before the interpreter
+    does (else the process aborts, "terminate called without an active exception")."""
+    for client in list(_open_clients):
+        disconnect(client)
 
 
 def _local_address(host: str, port: int) -> str:
@@ -156,7 +175,7 @@ def publish(model_dir: str | Path, master: str, protocol: str = "tcp",
                                       pinned, bar.update)  # fmt: skip
         _put(client, f"{prefix}/complete", b"1", pinned, upsert=True)
     finally:
-        client.close()
+        disconnect(client)
     return {"prefix": prefix, "published": put, "state": "published"}
 
 
@@ -202,7 +221,7 @@ def unpublish(model_dir: str | Path, master: str, protocol: str = "tcp") -> dict
         client.remove(f"{prefix}/complete", True)
         removed = client.remove_by_regex(f"^{re.escape(prefix)}/", True)
     finally:
-        client.close()
+        disconnect(client)
     if removed < 0:
         raise ConnectionError(f"removing {prefix}/* from the store at {master} failed ({removed})")
     return {"prefix": prefix, "removed": removed}
@@ -275,7 +294,7 @@ class RemoteTables:
                 )
             _check_layout(self.client, self.prefix, self.layout, master)
         except BaseException:
-            self.client.close()
+            disconnect(self.client)
             raise
         self._monitor = threading.Thread(target=self._watch, name="engram-remote", daemon=True)
         self._monitor.start()
@@ -367,7 +386,7 @@ class RemoteTables:
         self._monitor.join()
         for buf in self._registered:
             self.client.unregister_buffer(buf.ctypes.data)
-        self.client.close()
+        disconnect(self.client)
 
 
 def open_published(model_dir: str | Path, master: str,
