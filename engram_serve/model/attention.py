@@ -116,10 +116,8 @@ def decode_attention(
 ) -> torch.Tensor:  # [S, H, hd]
     num_seqs, num_heads, hd = q.shape
     kv_heads = k_cache.shape[2]
-    # A 16-bit cache is widened to the queries' dtype (a no-op when they match).
-    k = (
-        gather_context(k_cache, block_tables, max_len).transpose(1, 2).to(q.dtype)
-    )  # [S, KVH, L, hd]
+    # [S, KVH, L, hd] each; a 16-bit cache widened to the queries' dtype (a no-op if they match)
+    k = gather_context(k_cache, block_tables, max_len).transpose(1, 2).to(q.dtype)
     v = gather_context(v_cache, block_tables, max_len).transpose(1, 2).to(q.dtype)
     # GQA without copying K/V: the query heads sharing a KV head become that head's "queries".
     q = q.view(num_seqs, kv_heads, num_heads // kv_heads, hd)  # [S, KVH, G, hd]
