@@ -211,7 +211,7 @@ def test_a_published_layout_unlike_engram_json_is_refused_in_one_line(store, eng
         )  # fmt: skip
     finally:
         client.upsert(key, json.dumps(layout).encode())
-        client.close()
+        remote.disconnect(client)
     assert result.returncode == 1
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("engram-serve: error:")]
     assert "have layout" in line and "engram.json and this version imply" in line

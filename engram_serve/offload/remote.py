@@ -45,6 +45,7 @@ import logging
 import re
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ def _layer_layout(layout: TableLayout) -> dict[str, Any]:
 
 
 _open_clients: set[Any] = set()  # connected clients, closed at exit if still open
+_open_tables: weakref.WeakSet = weakref.WeakSet()  # RemoteTables, closed at exit before them
 
 
 def connect(master: str, protocol: str = "tcp") -> Any:
@@ -129,13 +131,17 @@ def connect(master: str, protocol: str = "tcp") -> Any:
 
 
 def disconnect(client: Any) -> None:
-    _open_clients.discard(client)
-    client.close()
+    if client in _open_clients:  # closed once: a second close of a client is not safe
+        _open_clients.discard(client)
+        client.close()
 
 
 def _disconnect_all() -> None:
-    """At exit, the clients still open: Mooncake's threads must stop before the interpreter
-    does (else the process aborts, "terminate called without an active exception")."""
+    """At exit, what is still open: each table's probe thread stopped first, then the clients.
+    Mooncake's threads must stop before the interpreter does (else the process aborts,
+    "terminate called without an active exception")."""
+    for tables in list(_open_tables):
+        tables.close()
     for client in list(_open_clients):
         disconnect(client)
 
@@ -298,6 +304,7 @@ class RemoteTables:
             raise
         self._monitor = threading.Thread(target=self._watch, name="engram-remote", daemon=True)
         self._monitor.start()
+        _open_tables.add(self)
 
     def tables(self) -> dict[int, PublishedTable]:
         out = {}
