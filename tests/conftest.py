@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def engram_model_dir(default_model_dir, tmp_path_factory):
+    """The default backbone with a random, non-zero Engram (small tables, so rows repeat)."""
+    from helpers import BACKBONE_FILES
+
+    from engram_serve.engine.tokenizer import Tokenizer
+    from engram_serve.engram.compression import load_compression, num_compressed
+    from engram_serve.model.default_model import DEFAULT_ENGRAM
+    from engram_serve.model.retrofit import init_tables
+
+    path = tmp_path_factory.mktemp("engram-model")
+    for name in BACKBONE_FILES:
+        os.symlink(default_model_dir / name, path / name)
+    config = dataclasses.replace(DEFAULT_ENGRAM, engram_vocab_size=(2003, 2011))
+    lookup = load_compression(Tokenizer(path).hf_tokenizer)
+    init_tables(path, config, num_compressed(lookup), seed=1, identity=False, progress=False)
+    return path
 
 
 @pytest.fixture(scope="session")

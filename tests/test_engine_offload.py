@@ -7,19 +7,13 @@ no output."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
-from helpers import BACKBONE_FILES
 
 from engram_serve.config import EngineConfig, OffloadConfig
 from engram_serve.engine.request import SamplingParams
-from engram_serve.engine.tokenizer import Tokenizer
-from engram_serve.engram.compression import load_compression, num_compressed
 from engram_serve.llm import build_engine
-from engram_serve.model.default_model import DEFAULT_ENGRAM
-from engram_serve.model.retrofit import init_tables
 
 ENGINE = EngineConfig(
     max_num_seqs=8, max_num_batched_tokens=64, kv_block_size=16, num_kv_blocks=8, max_model_len=128
@@ -38,18 +32,6 @@ TIERS = {
     ),
     "disk+direct-io": OffloadConfig(tier="disk", cache_rows=3000, direct_io=True),
 }
-
-
-@pytest.fixture(scope="module")
-def engram_model_dir(default_model_dir, tmp_path_factory):
-    """The default backbone with a random, non-zero Engram (small tables, so rows repeat)."""
-    path = tmp_path_factory.mktemp("engram-model")
-    for name in BACKBONE_FILES:
-        os.symlink(default_model_dir / name, path / name)
-    config = dataclasses.replace(DEFAULT_ENGRAM, engram_vocab_size=(2003, 2011))
-    lookup = load_compression(Tokenizer(path).hf_tokenizer)
-    init_tables(path, config, num_compressed(lookup), seed=1, identity=False, progress=False)
-    return path
 
 
 def _generate(engine) -> list[tuple[list[int], list[float]]]:

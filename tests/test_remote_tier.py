@@ -13,9 +13,7 @@ engram_tables_ready report the state, and a restarted master (which has lost eve
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -26,17 +24,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import BACKBONE_FILES
 from test_server_support import MODEL, ServeProcess, free_port, metric, wait_for
 
 from engram_serve.config import EngineConfig, OffloadConfig, ServerConfig
 from engram_serve.engine.request import SamplingParams
-from engram_serve.engine.tokenizer import Tokenizer
-from engram_serve.engram.compression import load_compression, num_compressed
 from engram_serve.engram.tables import open_table
 from engram_serve.llm import build_engine
-from engram_serve.model.default_model import DEFAULT_ENGRAM
-from engram_serve.model.retrofit import init_tables
 from engram_serve.server.api import build_app
 from engram_serve.server.process import BackgroundServer
 
@@ -114,18 +107,6 @@ def store(tmp_path_factory):
     running = MooncakeStore(tmp_path_factory.mktemp("mooncake"))
     yield running
     running.close()
-
-
-@pytest.fixture(scope="module")
-def engram_model_dir(default_model_dir, tmp_path_factory):
-    """The default backbone with a random, non-zero Engram (small tables, so rows repeat)."""
-    path = tmp_path_factory.mktemp("engram-model")
-    for name in BACKBONE_FILES:
-        os.symlink(default_model_dir / name, path / name)
-    config = dataclasses.replace(DEFAULT_ENGRAM, engram_vocab_size=(2003, 2011))
-    lookup = load_compression(Tokenizer(path).hf_tokenizer)
-    init_tables(path, config, num_compressed(lookup), seed=1, identity=False, progress=False)
-    return path
 
 
 def remote_tier(store: MooncakeStore, **options) -> OffloadConfig:

@@ -222,8 +222,9 @@ class LlamaDecoderLayer(nn.Module):
         """`decode`: a decode-only step's inputs for the fused layer (LlamaModel.forward)."""
         if self.engram is not None:
             h = self.apply_engram(h, batch)
-        fusable = cpu_decode.supports(h, self.self_attn.qkv_weight, batch.cache.k[self.layer_id])
-        if decode is not None and fusable:
+        if decode is not None and cpu_decode.supports(
+            h, self.self_attn.qkv_weight, batch.cache.k[self.layer_id]
+        ):
             return self.decode_fused(h, decode, batch)
         h = h + self.self_attn(self.input_layernorm(h), rope, batch)
         return h + self.mlp(self.post_attention_layernorm(h))
