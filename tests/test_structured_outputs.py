@@ -12,6 +12,9 @@ completed and ended the request, rather than max_tokens cutting it off.
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import textwrap
 import json
 import re
 
@@ -559,3 +562,25 @@ def test_metrics_count_constrained_requests_by_kind(server, client):
     assert after.delta(before, requests) == 3
     compiles = "engram_serve_structured_output_compile_seconds_count"
     assert after.delta(before, compiles) == 2
+
+
+def test_an_unconstrained_engine_loads_neither_xgrammar_nor_torch_dynamo(default_model_dir):
+    """Idle memory (issue 25): xgrammar (44 MiB) comes with the first constrained request, and
+    nothing on the CPU serving path pulls in torch._dynamo (147 MiB), which torch's meta kernels
+    of random and concatenating ops import. In a fresh process: sys.modules is per process."""
+    script = textwrap.dedent(f"""
+        import sys
+        from engram_serve import LLM, SamplingParams, StructuredOutputs
+        llm = LLM({str(default_model_dir)!r})
+        llm.engine.warm_up()
+        llm.generate(["The capital of France is"], SamplingParams(max_tokens=4))
+        print("xgrammar" in sys.modules, "torch._dynamo" in sys.modules)
+        spec = StructuredOutputs(choice=["yes", "no"])
+        [out] = llm.generate(["Yes or no?"], SamplingParams(max_tokens=4, structured_outputs=spec))
+        print("xgrammar" in sys.modules, out.outputs[0].text)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    idle, constrained = out.stdout.splitlines()[-2:]
+    assert idle == "False False"
+    assert constrained in ("True yes", "True no")

@@ -9,6 +9,7 @@ layer.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import time
@@ -161,6 +162,7 @@ class Engine:
         while self.has_unfinished_requests():
             self.step()
         self.stats = StepStats()
+        _release_freed_heap()
         logger.info("warmed up in %.1f s", time.perf_counter() - start)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -378,3 +380,12 @@ class Engine:
 def _samples(request: Request, num_new: int) -> bool:
     """A request samples when this step computes its last known token."""
     return request.num_computed_tokens + num_new == request.num_tokens
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap's freed pages back to the system (glibc's malloc_trim; elsewhere nothing):
+    loading and the first steps leave buffers freed but resident, 21 MiB of the server's idle
+    RSS on the default model (738 -> 717 MiB measured)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)

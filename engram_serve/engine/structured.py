@@ -28,10 +28,13 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 from engram_serve.engine.request import Request, StructuredOutputs
 from engram_serve.engine.tokenizer import Tokenizer
@@ -40,6 +43,15 @@ from engram_serve.engine.tokenizer import Tokenizer
 # this holds about a thousand such grammars.
 GRAMMAR_CACHE_BYTES = 128 << 20
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's json_object: any object, not any value
+
+
+def _xgrammar():  # noqa: ANN202 (the module)
+    """xgrammar, imported by the first constrained request (in the server, on its compile
+    thread): a process that never constrains an output does not hold its 44 MiB (resident
+    memory of the import, with the transformers modules it pulls in)."""
+    import xgrammar
+
+    return xgrammar
 
 
 def _compile(compiler: xgr.GrammarCompiler, spec: StructuredOutputs) -> xgr.CompiledGrammar:
@@ -87,13 +99,14 @@ class GrammarCompiler:
 
     def matcher(self, spec: StructuredOutputs) -> xgr.GrammarMatcher:
         """A fresh matcher at the start of `spec`'s grammar."""
-        return xgr.GrammarMatcher(self.compile(spec))
+        return _xgrammar().GrammarMatcher(self.compile(spec))
 
     def _xgrammar_compiler(self) -> xgr.GrammarCompiler:
         """Made at the first compile (reading the vocabulary takes ~0.2 s for 49,152 tokens), so
         an engine that never sees a constrained request never pays for it."""
         with self._lock:
             if self._compiler is None:
+                xgr = _xgrammar()
                 info = xgr.TokenizerInfo.from_huggingface(
                     self.tokenizer.hf_tokenizer,
                     vocab_size=self.vocab_size,
@@ -108,7 +121,7 @@ def grammar_bitmask(requests: list[Request], rows: list[int], vocab_size: int) -
     allows next; the other rows allow every token."""
     # NumPy, not torch (xgrammar takes either through DLPack): host arrays stay host arrays
     # even where torch makes fake device tensors (tests/fake_cuda.py).
-    bitmask = np.full(xgr.get_bitmask_shape(len(requests), vocab_size), -1, np.int32)
+    bitmask = np.full(_xgrammar().get_bitmask_shape(len(requests), vocab_size), -1, np.int32)
     for row in rows:
         requests[row].grammar.fill_next_token_bitmask(bitmask, row)
     return bitmask
@@ -123,7 +136,9 @@ def apply_token_bitmask(
     if logits.device.type != "cpu":
         return apply_token_bitmask_torch(logits, bitmask)
     logits = logits.clone()  # the caller's tensor stays as it was
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+    _xgrammar().apply_token_bitmask_inplace(
+        logits, bitmask, vocab_size=logits.shape[1], indices=rows
+    )
     return logits
 
 

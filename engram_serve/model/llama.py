@@ -322,7 +322,8 @@ class LlamaForCausalLM(nn.Module):
         # loader sets it.
         self.prefill_dtype = torch.float32
         self.tie_weights()
-        self.fuse_projections()
+        if not self.lm_head.weight.is_meta:  # a meta model is fused by its loader, once real
+            self.fuse_projections()
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up into single matmuls; call again after replacing parameters

@@ -10,9 +10,10 @@ only, no storage) and each parameter is materialised straight from its safetenso
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ INDEX_FILE = "model.safetensors.index.json"
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 MAX_LISTED = 5  # names quoted in one error message
 QUANTIZATIONS = ("none", "gguf", *QUANTIZABLE)
+_INITIALIZERS = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_",
+                 "xavier_uniform_", "xavier_normal_", "trunc_normal_", "zeros_", "ones_")
 QUANTIZED_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
 
 
@@ -189,7 +192,7 @@ def load_model(
         where = dict.fromkeys(gguf_tensor_names(gguf_path), gguf_path)
     else:
         where = checkpoint_index(model_dir)  # tensor name -> file
-    with torch.device("meta"):
+    with torch.device("meta"), _initializers_skipped():
         model = LlamaForCausalLM(config, engram_config)
 
     expected = _expected_shapes(model)
@@ -250,6 +253,21 @@ def _expected_shapes(model: LlamaForCausalLM) -> dict[str, torch.Size]:
     """The tensors a checkpoint must provide: named_parameters lists a tied lm_head only
     under its first name, the embedding's."""
     return {name: p.shape for name, p in model.named_parameters()}
+
+
+@contextlib.contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """torch.nn.init's in-place initialisers do nothing inside: a model built on the meta device
+    has no values to initialise, and the meta kernels of the random ops import torch._dynamo,
+    which the server otherwise never needs (147 MiB of resident memory, measured on import)."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALIZERS}
+    for name in _INITIALIZERS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def _init_engram_modules(model: LlamaForCausalLM, dtype: torch.dtype) -> None:
