@@ -4,6 +4,10 @@ layer with their dequantized float32 values."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -223,6 +227,27 @@ def test_linear_equals_a_float64_product(format, rows, num_threads):
     weight, want = _weight(format, 13, _k(format), seed=rows)
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
     _assert_close_to_float64(cpu_quant.linear(x, weight, num_threads=num_threads), x, want)
+
+
+@pytest.mark.skipif(
+    not cpu_quant._NIBBLE_TABLES, reason="no AVX-512 here: the tests above run the other path"
+)
+def test_4_bit_blocks_without_avx512_give_the_same_values():
+    """With AVX-512, 4-bit codes are looked up in their block's 16 values; without it, each is
+    converted and scaled. The tests above, run in a process whose numba compiles without
+    AVX-512, check the second path against gguf-py and float64 products too."""
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features().flatten().replace("+avx512", "-avx512")
+    env = {**os.environ, "NUMBA_CPU_FEATURES": features}
+    probe = "from engram_serve.kernels import cpu_quant; print(cpu_quant._NIBBLE_TABLES)"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+    tests = "(bit_for_bit or float64_product) and (q4_0 or q4_1 or q4_k)"
+    pytest_args = [__file__, "-q", "-p", "no:cacheprovider", "-k", tests]
+    run = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:]
 
 
 @pytest.mark.parametrize("rows", [1, 64, 300])

@@ -47,13 +47,39 @@ class Workload:
         return sum(self.output_lens)
 
 
-def make_workload(num_seqs: int, low: int, high: int, vocab: int, seed: int = 0) -> Workload:
+def make_workload(
+    num_seqs: int,
+    low: int,
+    high: int,
+    vocab: int,
+    seed: int = 0,
+    output_len: int | None = None,
+    corpus: np.ndarray | None = None,
+) -> Workload:
+    """Prompt lengths uniform in [low, high], output lengths too unless `output_len` fixes them;
+    prompts of random ids, or windows of `corpus` (token ids of real text, `text_corpus`) at
+    random offsets."""
     rng = np.random.default_rng(seed)
     prompt_lens = rng.integers(low, high + 1, size=num_seqs)
     output_lens = rng.integers(low, high + 1, size=num_seqs)
-    # Ids below 10,000 avoid special tokens, as nano-vllm's benchmark does.
-    prompts = [rng.integers(0, min(vocab, 10_000), size=n).tolist() for n in prompt_lens]
+    if output_len is not None:
+        output_lens[:] = output_len
+    if corpus is None:  # ids below 10,000 avoid special tokens, as nano-vllm's benchmark does
+        prompts = [rng.integers(0, min(vocab, 10_000), size=n).tolist() for n in prompt_lens]
+    else:
+        starts = rng.integers(0, len(corpus) - high, size=num_seqs)
+        prompts = [corpus[s : s + n].tolist() for s, n in zip(starts, prompt_lens, strict=True)]
     return Workload(prompts, output_lens.tolist())
+
+
+def text_corpus(model_dir: Path) -> np.ndarray:
+    """CPython's bundled documentation (pydoc topics: English prose and code examples), as the
+    model's token ids: real text that every Python installation carries."""
+    from pydoc_data.topics import topics
+
+    from engram_serve.engine.tokenizer import Tokenizer
+
+    return np.array(Tokenizer(model_dir).encode("\n".join(topics.values())), dtype=np.int64)
 
 
 def matmul_peak_gflops(
@@ -116,10 +142,17 @@ def run_engine(engine, workload: Workload) -> float:
     return time.perf_counter() - start
 
 
-def run_hf(model_dir: Path, workload: Workload, batch_size: int, device: str = "cpu") -> float:
+def run_hf(
+    model_dir: Path,
+    workload: Workload,
+    batch_size: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> float:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
     pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
     pad = pad[0] if isinstance(pad, list) else pad
     start = time.perf_counter()
@@ -278,8 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="engram-serve bench throughput", description=__doc__)
     parser.add_argument("--model", default=None)
     add_workload_args(parser, num_seqs=64, low=100, high=1024, max_num_batched_tokens=2048)
+    parser.add_argument("--output-len", type=int, default=None,
+                        help="every output this long, at most --high (default: drawn as the "
+                             "prompts' lengths)")
+    parser.add_argument("--prompts", choices=["random", "text"], default="random",
+                        help="random ids, or windows of real text (pydoc topics)")
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-dtype", nargs="+", default=["float32"],
+                        help="transformers in each of these dtypes (float32 is `transformers`)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, A B B A")
     parser.add_argument(
         "--also", nargs="*", default=[], metavar="DTYPE/QUANTIZATION",
@@ -294,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--output", default="results/throughput.json")
     args = parser.parse_args(argv)
+    if args.output_len is not None and not 1 <= args.output_len <= args.high:
+        parser.error(f"--output-len must be in [1, --high = {args.high}]")
 
     from engram_serve.llm import build_engine, resolve_engine_config, resolve_model_dir
 
@@ -321,7 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
         other = dataclasses.replace(engine_config, dtype=dtype, quantization=quantization or "auto")
         engines[spec] = build_engine(model_dir, other, offload, enable_engram=True)
     config = engines["engram"].model_config
-    workload = make_workload(args.num_seqs, args.low, args.high, config.vocab_size)
+    corpus = text_corpus(model_dir) if args.prompts == "text" else None
+    workload = make_workload(args.num_seqs, args.low, args.high, config.vocab_size,
+                             output_len=args.output_len, corpus=corpus)  # fmt: skip
     flops = model_flops(config, workload)
     results.update(
         prompt_tokens=workload.num_prompt_tokens,
@@ -355,12 +399,11 @@ def main(argv: list[str] | None = None) -> dict:
         peaks.append(matmul_peak_gflops(device=args.device))
         results["ceiling"] = ceiling_seconds(config, steps)
     del engines
-    if not args.skip_hf:
-        seconds = run_hf(model_dir, workload, args.hf_batch, args.device)
-        results["transformers"] = {
-            "seconds": seconds,
-            "output_tok_s": workload.num_output_tokens / seconds,
-        }
+    hf_names = {d: "transformers" if d == "float32" else f"transformers/{d}" for d in args.hf_dtype}
+    for dtype, name in hf_names.items() if not args.skip_hf else ():
+        seconds = run_hf(model_dir, workload, args.hf_batch, args.device, dtype)
+        results[name] = {"seconds": seconds, "output_tok_s": workload.num_output_tokens / seconds}
+    if "transformers" in results:
         results["engram_vs_transformers"] = (
             results["engram"]["output_tok_s"] / results["transformers"]["output_tok_s"]
         )
@@ -369,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     peaks.append(matmul_peak_gflops(device=args.device))
     results["matmul_peak_gflops"] = peak = max(peaks)
     results["matmul_peak_gflops_each"] = peaks
-    for name in ("engram", "no_engram", *args.also, "transformers", "ceiling"):
+    for name in ("engram", "no_engram", *args.also, *hf_names.values(), "ceiling"):
         if name in results:
             results[name]["mfu"] = flops / results[name]["seconds"] / 1e9 / peak
             _print_row(name, results[name])

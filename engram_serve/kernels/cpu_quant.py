@@ -51,6 +51,7 @@ from numba.extending import overload
 
 from engram_serve.kernels.cpu_linear import MAX_ROWS, linear_tile, num_tiles
 from engram_serve.kernels.cpu_prefetch import prefetch_bytes
+from engram_serve.kernels.cpu_target import compiles_avx512
 from engram_serve.kernels.cpu_threads import launch_parallel
 from engram_serve.kernels.cpu_vector import (
     fma,
@@ -58,7 +59,9 @@ from engram_serve.kernels.cpu_vector import (
     load,
     load_int8,
     load_nibbles,
+    lookup_nibbles,
     mul,
+    ramp,
     splat,
     store,
     sub,
@@ -74,6 +77,10 @@ DEQUANTIZED_TILE_ROWS = 16
 BAND_MIN_ROWS = MAX_ROWS
 BAND_ELEMENTS = 1 << 20
 _SUPER = 256  # values in a K-quant super-block (Q4_K, Q6_K)
+# 4-bit blocks dequantized by looking their codes up in the block's 16 values (one VPERMPS per
+# 16 weights) rather than converting each code and scaling it: the same values, fewer
+# instructions. AVX-512 only; elsewhere the conversions.
+_NIBBLE_TABLES = compiles_avx512()
 
 
 class QuantizedWeight:
@@ -339,6 +346,23 @@ def block_weights(w, row, block):
 def _block_weights(w, row, block):
     codes, _, offset = w.types
     has_offset = not isinstance(offset, types.NoneType)
+    if codes.dtype == types.uint8 and _NIBBLE_TABLES:
+        # The block's 16 possible values computed once, as below, then looked up by the codes.
+        if has_offset:
+
+            def table_offset(w, row, block):
+                codes, scale, offset = w
+                table = fma(splat(scale[row, block]), ramp(0), splat(offset[row, block]))
+                return lookup_nibbles(table, codes, row, block * 16)
+
+            return table_offset
+
+        def table_signed(w, row, block):
+            codes, scale, _ = w
+            table = mul(splat(scale[row, block]), ramp(-8))
+            return lookup_nibbles(table, codes, row, block * 16)
+
+        return table_signed
     if codes.dtype == types.uint8 and has_offset:
 
         def nibbles_offset(w, row, block):

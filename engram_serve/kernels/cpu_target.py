@@ -50,3 +50,13 @@ def bf16_matmul_path() -> str:
     if torch.cpu._is_avx512_bf16_supported():
         return "bfloat16 matmuls on AVX512-BF16 (oneDNN)"
     return "no bfloat16 matmul instructions: bfloat16 is converted to float32 arithmetic"
+
+
+def compiles_avx512() -> bool:
+    """Whether numba's code here may use AVX-512F instructions: the CPU features it compiles for
+    (prefer_wide_vectors sets them from the host's unless the user did)."""
+    import llvmlite.binding as llvm
+    import numba
+
+    features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")

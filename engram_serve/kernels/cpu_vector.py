@@ -21,6 +21,7 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.typing import signature
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
@@ -115,6 +116,39 @@ def load_nibbles(typingctx, array, row, col):
         return context.make_tuple(builder, sig.return_type, values)
 
     return types.UniTuple(float32x16, 2)(array, row, col), codegen
+
+
+@intrinsic
+def ramp(typingctx, start):
+    """The vector start, start + 1, ..., start + 15 (float32)."""
+
+    def codegen(context, builder, sig, args):
+        value = context.cast(builder, args[0], sig.args[0], types.float32)
+        steps = ir.Constant(_F32X16, [float(i) for i in range(LANES)])
+        return builder.fadd(_splat(builder, value), steps)
+
+    return float32x16(start), codegen
+
+
+@intrinsic
+def lookup_nibbles(typingctx, table, array, row, col):
+    """(low, high): table[lane] looked up by the low and by the high 4 bits of the 16 bytes
+    array[row, col : col + 16] of a uint8 array; one VPERMPS each. AVX-512F only (the caller
+    checks cpu_target.compiles_avx512)."""
+
+    def codegen(context, builder, sig, args):
+        codes = signature(sig.return_type, *sig.args[1:])  # (array, row, col)
+        raw = builder.load(_element_pointer(context, builder, codes, args[1:], _I8X16), align=1)
+        wide = builder.zext(raw, _I32X16)  # VPERMPS reads an index's low 4 bits: no mask
+        high = builder.lshr(wide, ir.Constant(_I32X16, [4] * LANES))
+        fn_type = ir.FunctionType(_F32X16, [_F32X16, _I32X16])
+        fn = cgutils.get_or_insert_function(
+            builder.module, fn_type, "llvm.x86.avx512.permvar.sf.512"
+        )
+        values = [builder.call(fn, [args[0], index]) for index in (wide, high)]
+        return context.make_tuple(builder, sig.return_type, values)
+
+    return types.UniTuple(float32x16, 2)(table, array, row, col), codegen
 
 
 @intrinsic
