@@ -11,6 +11,7 @@ from engram_serve.bench.throughput import (
     model_flops,
     record_schedule,
     single_stream_decode,
+    text_corpus,
 )
 from engram_serve.config import EngineConfig, ModelConfig
 from engram_serve.llm import build_engine
@@ -80,3 +81,21 @@ def test_single_stream_decode_fits_a_short_context(default_model_dir):
     engine = build_engine(default_model_dir, config, enable_engram=False)
     assert single_stream_decode(engine) > 0
     assert engine.stats.num_generation_tokens == 36  # the 4-token prompt and 36 fill 40
+
+
+def test_text_workload_cuts_prompts_from_the_corpus_and_fixes_outputs(default_model_dir):
+    """`--prompts text --output-len N`: each prompt is a run of the tokenized text (decoded, it
+    is a piece of the pydoc topics), every output N tokens."""
+    from pydoc_data.topics import topics
+
+    from engram_serve.engine.tokenizer import Tokenizer
+
+    corpus = text_corpus(default_model_dir)
+    workload = make_workload(8, 16, 32, 49152, output_len=5, corpus=corpus)
+    assert workload.output_lens == [5] * 8
+    text = "\n".join(topics.values())
+    tokenizer = Tokenizer(default_model_dir)
+    for prompt in workload.prompts:
+        assert 16 <= len(prompt) <= 32
+        inner = tokenizer.decode(prompt[1:-1])  # the ends may be parts of a longer piece
+        assert inner in text

@@ -12,11 +12,11 @@ completed and ended the request, rather than max_tokens cutting it off.
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import subprocess
 import sys
 import textwrap
-import json
-import re
 
 import httpx
 import jsonschema

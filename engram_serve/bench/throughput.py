@@ -1,13 +1,14 @@
 """Offline throughput, the Engram paper's protocol scaled to this machine: N sequences with prompt
-and output lengths uniform in [low, high], random token ids, ignore_eos; output tokens per
-second. One run measures, side by side on the same model and requests:
+and output lengths uniform in [low, high] (`--output-len` fixes the outputs'), random token ids
+or windows of real text (`--prompts text`), ignore_eos; output tokens per second. One run
+measures, side by side on the same model and requests:
 
 - our engine (Engram on, tables as configured) and our engine with Engram off, in `--rounds`
   alternating runs (A B B A ...), averaged, and with `--also` the engine in other dtypes and
   weight formats (`bfloat16/gguf`, `float32/none`, ...) in the same alternation;
-- Hugging Face transformers' batched `generate` (batches of `--hf-batch` prompts, left-padded,
-  each batch generating its longest requested output, as vLLM's HF backend does; only the
-  requested tokens count);
+- Hugging Face transformers' batched `generate` in each of `--hf-dtype` (batches of `--hf-batch`
+  prompts, left-padded, each batch generating its longest requested output, as vLLM's HF backend
+  does; only the requested tokens count), in the same alternation;
 - single-stream decode speed;
 - model FLOPs utilisation against this machine's fp32 matmul peak, measured in the same run;
 - with `--ceiling`, the MFU ceiling of the engine's own schedule: its steps replayed as the
@@ -22,6 +23,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +144,17 @@ def run_engine(engine, workload: Workload) -> float:
     return time.perf_counter() - start
 
 
-def run_hf(
-    model_dir: Path,
-    workload: Workload,
-    batch_size: int,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> float:
+def load_hf(model_dir: Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """transformers' model of `model_dir`, for run_hf."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    model = model.to(device).eval()
+    return model.to(device).eval()
+
+
+def run_hf(model: torch.nn.Module, workload: Workload, batch_size: int) -> float:
+    """Seconds for transformers' batched `generate` to finish every request."""
+    device = model.device
     pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
     pad = pad[0] if isinstance(pad, list) else pad
     start = time.perf_counter()
@@ -372,25 +374,34 @@ def main(argv: list[str] | None = None) -> dict:
         output_tokens=workload.num_output_tokens,
         model_gflop=flops / 1e9,
     )
+    # transformers' models run in the same alternation as the engines.
+    hf_names = {d: "transformers" if d == "float32" else f"transformers/{d}" for d in args.hf_dtype}
+    hf_models = {} if args.skip_hf else {
+        name: load_hf(model_dir, args.device, dtype) for dtype, name in hf_names.items()
+    }  # fmt: skip
+    runners = {name: partial(run_engine, engine, workload) for name, engine in engines.items()}
+    runners |= {name: partial(run_hf, m, workload, args.hf_batch) for name, m in hf_models.items()}
     for engine in engines.values():
         run_engine(engine, make_workload(2, 8, 16, config.vocab_size, seed=1))  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in engines}
-    runs = alternating(list(engines), args.rounds)
-    for i, (round_, name) in enumerate(progress(runs, "runs", total=args.rounds * len(engines))):
-        if i % len(engines) == 0:  # before each round
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    runs = alternating(list(runners), args.rounds)
+    for i, (round_, name) in enumerate(progress(runs, "runs", total=args.rounds * len(runners))):
+        if i % len(runners) == 0:  # before each round
             peaks.append(matmul_peak_gflops(device=args.device))
-        seconds[name].append(run_engine(engines[name], workload))
+        seconds[name].append(runners[name]())
         say(f"round {round_ + 1}/{args.rounds} {name}: {seconds[name][-1]:.1f} s")
-    for name, engine in engines.items():
+    del hf_models
+    for name in runners:
         mean = sum(seconds[name]) / len(seconds[name])
         results[name] = {
             "seconds": mean,
             "seconds_per_round": seconds[name],
             "output_tok_s": workload.num_output_tokens / mean,
             "total_tok_s": (workload.num_output_tokens + workload.num_prompt_tokens) / mean,
-            "preemptions": engine.scheduler.num_preemptions,
-            "single_stream_decode_tok_s": single_stream_decode(engine),
         }
+    for name, engine in engines.items():
+        results[name]["preemptions"] = engine.scheduler.num_preemptions
+        results[name]["single_stream_decode_tok_s"] = single_stream_decode(engine)
     results["engram_vs_no_engram"] = (
         results["engram"]["output_tok_s"] / results["no_engram"]["output_tok_s"]
     )
@@ -399,10 +410,6 @@ def main(argv: list[str] | None = None) -> dict:
         peaks.append(matmul_peak_gflops(device=args.device))
         results["ceiling"] = ceiling_seconds(config, steps)
     del engines
-    hf_names = {d: "transformers" if d == "float32" else f"transformers/{d}" for d in args.hf_dtype}
-    for dtype, name in hf_names.items() if not args.skip_hf else ():
-        seconds = run_hf(model_dir, workload, args.hf_batch, args.device, dtype)
-        results[name] = {"seconds": seconds, "output_tok_s": workload.num_output_tokens / seconds}
     if "transformers" in results:
         results["engram_vs_transformers"] = (
             results["engram"]["output_tok_s"] / results["transformers"]["output_tok_s"]

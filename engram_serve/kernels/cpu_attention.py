@@ -68,9 +68,12 @@ def _prefetch_record(cache, block_tables, seq, pos, length):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
-def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, last, out):
-    """Sequences [first, last) of q `[S, KVH, G, hd]` into out (same shape), in float32; the
-    caches float32 or float16 bits (kernels/cpu_half.py)."""
+def attention_kernel(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, first, last, heads_first, heads_last, out
+):
+    """Sequences [first, last) of q `[S, KVH, G, hd]` into out (same shape), KV heads
+    [heads_first, heads_last) of each, in float32; the caches float32 or float16 bits
+    (kernels/cpu_half.py)."""
     _, kv_heads, group, hd = q.shape
     block_size = k_cache.shape[1]
     for seq in range(first, last):
@@ -79,14 +82,14 @@ def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, 
         for pos in range(length):
             _prefetch_record(k_cache, block_tables, seq, pos + _PREFETCH_POSITIONS, length)
             block, offset = block_tables[seq, pos // block_size], pos % block_size
-            for head in range(kv_heads):
+            for head in range(heads_first, heads_last):
                 for g in range(group):
                     dot = np.float32(0.0)
                     for d in range(hd):
                         dot += q[seq, head, g, d] * load(k_cache[block, offset, head, d])
                     scores[head, g, pos] = dot * scale
         # Softmax with the maximum subtracted, as SDPA does: exp never overflows.
-        for head in range(kv_heads):
+        for head in range(heads_first, heads_last):
             for g in range(group):
                 peak = scores[head, g, 0]
                 for pos in range(1, length):
@@ -102,12 +105,12 @@ def attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, first, 
         for pos in range(length):
             _prefetch_record(v_cache, block_tables, seq, pos + _PREFETCH_POSITIONS, length)
             block, offset = block_tables[seq, pos // block_size], pos % block_size
-            for head in range(kv_heads):
+            for head in range(heads_first, heads_last):
                 for g in range(group):
                     weight = scores[head, g, pos]
                     for d in range(hd):
                         acc[head, g, d] += weight * load(v_cache[block, offset, head, d])
-        out[seq] = acc
+        out[seq, heads_first:heads_last] = acc[heads_first:heads_last]
 
 
 def check_in_pool(tables: np.ndarray, lens: np.ndarray, k_cache: torch.Tensor) -> None:
@@ -157,7 +160,9 @@ def decode_attention_cpu(
     run_split(
         num_seqs,
         thread_count(num_seqs, _MIN_SEQS_PER_THREAD, num_threads),
-        lambda lo, hi: attention_kernel(q_np, k_np, v_np, tables, lens, scale, lo, hi, out_np),
+        lambda lo, hi: attention_kernel(
+            q_np, k_np, v_np, tables, lens, scale, lo, hi, 0, kv_heads, out_np
+        ),
         costs=lens,
     )
     return out.view(num_seqs, num_heads, hd)

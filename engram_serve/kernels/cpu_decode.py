@@ -114,9 +114,12 @@ def _decode_layer_kernel(
             for d in range(hd):
                 v_cache[block, offset, kv, d] = store(v_cache, qkv[s, base + d])
 
+    # A sequence and KV head a task: one sequence's attention takes both threads.
     attn = np.empty((num_seqs, kv_heads, group, hd), np.float32)
-    for s in numba.prange(num_seqs):
-        attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, s, s + 1, attn)
+    for task in numba.prange(num_seqs * kv_heads):
+        s, head = task // kv_heads, task % kv_heads
+        attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, s, s + 1, head,
+                         head + 1, attn)  # fmt: skip
     proj = np.empty((num_seqs, dim), np.float32)
     attn_rows = attn.reshape((num_seqs, heads * hd))
     for tile in numba.prange(tile_count(o_w, heads * hd)):
