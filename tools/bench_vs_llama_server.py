@@ -2,12 +2,14 @@
 
 The protocol of docs/cpu-serving.md: the same GGUF (the default model's Q4_1 file), random
 128-token prompts, 64 output tokens, greedy, ignore_eos, streamed, through `engram-serve bench
-serve` at each concurrency; each round starts both servers fresh, in alternating order (A B, then
-B A), and reads their resident memory idle after start and at the end. llama-server is built by
-tools/build_llama_server.sh (about 12 minutes, once); not part of CI.
+serve` at each concurrency; each round starts every server fresh, in alternating order (A B, then
+B A), and reads their resident memory idle after start and at the end. `--also` adds engram-serve
+in other dtypes and weight formats to the same rounds. llama-server is built by
+tools/build_llama_server.sh (about 14 minutes, once); not part of CI.
 
     python tools/bench_vs_llama_server.py [--concurrency 1 8 64] [--rounds 2]
-        [--engram-args "--dtype bfloat16"] [--output results/vs_llama_server.json]
+        [--engram-args "--kv-cache-dtype float32"] [--also float32/gguf float32/none]
+        [--output results/vs_llama_server.json]
 
 Prints a table (medians over rounds) and writes the JSON and a PNG beside it.
 """
@@ -96,6 +98,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="llama-server -t")
     parser.add_argument("--engram-args", default="", help="flags added to engram-serve serve")
+    parser.add_argument("--also", nargs="*", default=[], metavar="DTYPE/QUANTIZATION",
+                        help="more engram-serve servers in the same rounds, e.g. float32/gguf")
     parser.add_argument("--llama-build", default=str(ROOT / "build" / "llama.cpp"))
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "vs_llama_server.json")
     args = parser.parse_args()
@@ -107,6 +111,10 @@ def main() -> None:
         "llama-server": llama_server_command(binary, packaged_gguf_path(), args.threads),
         "engram-serve": engram_command(args.engram_args),
     }
+    for spec in args.also:
+        dtype, _, quantization = spec.partition("/")
+        flags = f"{args.engram_args} --dtype {dtype} --quantization {quantization or 'auto'}"
+        commands[f"engram-serve {spec}"] = engram_command(flags)
     scratch = args.output.with_suffix(".runs")
     scratch.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[int, list[dict]]] = {name: {} for name in commands}
@@ -129,13 +137,16 @@ def main() -> None:
     print(f"{'c':>4} {'llama tok/s':>12} {'ours tok/s':>11} {'ratio':>6} "
           f"{'TTFT llama/ours ms':>20} {'ITL llama/ours ms':>18} "
           f"{'RSS idle llama/ours MiB':>24}")  # fmt: skip
-    for c in args.concurrency:
-        lm, us = table["llama-server"][c], table["engram-serve"][c]
-        print(f"{c:>4} {lm['output_throughput']:>12.1f} {us['output_throughput']:>11.1f} "
-              f"{us['output_throughput'] / lm['output_throughput']:>6.2f} "
-              f"{lm['median_ttft_ms']:>9.0f} / {us['median_ttft_ms']:<8.0f} "
-              f"{lm['median_itl_ms']:>8.1f} / {us['median_itl_ms']:<7.1f} "
-              f"{lm['rss_idle_mib']:>11.0f} / {us['rss_idle_mib']:<10.0f}")  # fmt: skip
+    for name in list(commands)[1:]:
+        if name != "engram-serve":
+            print(name)
+        for c in args.concurrency:
+            lm, us = table["llama-server"][c], table[name][c]
+            print(f"{c:>4} {lm['output_throughput']:>12.1f} {us['output_throughput']:>11.1f} "
+                  f"{us['output_throughput'] / lm['output_throughput']:>6.2f} "
+                  f"{lm['median_ttft_ms']:>9.0f} / {us['median_ttft_ms']:<8.0f} "
+                  f"{lm['median_itl_ms']:>8.1f} / {us['median_itl_ms']:<7.1f} "
+                  f"{lm['rss_idle_mib']:>11.0f} / {us['rss_idle_mib']:<10.0f}")  # fmt: skip
     report = {
         "machine": machine(),
         "commands": commands,
@@ -149,10 +160,12 @@ def main() -> None:
     def plot(path: Path) -> None:
         with figure(path, ncols=len(PANELS), size=(15, 4)) as (_, axes):
             for ax, (metric, title) in zip(axes, PANELS.items(), strict=True):
+                width = 0.8 / len(commands)
                 for i, server in enumerate(commands):
                     values = [table[server][c][metric] for c in args.concurrency]
-                    ax.bar([x + 0.4 * i for x in range(len(values))], values, 0.4, label=server)
-                ax.set_xticks([x + 0.2 for x in range(len(args.concurrency))],
+                    ax.bar([x + width * i for x in range(len(values))], values, width,
+                           label=server)  # fmt: skip
+                ax.set_xticks([x + 0.4 - width / 2 for x in range(len(args.concurrency))],
                               [f"c={c}" for c in args.concurrency])  # fmt: skip
                 ax.set_title(title)
                 ax.legend()
