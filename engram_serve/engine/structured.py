@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,7 +46,7 @@ GRAMMAR_CACHE_BYTES = 128 << 20
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's json_object: any object, not any value
 
 
-def _xgrammar():  # noqa: ANN202 (the module)
+def _xgrammar() -> ModuleType:
     """xgrammar, imported by the first constrained request (in the server, on its compile
     thread): a process that never constrains an output does not hold its 44 MiB (resident
     memory of the import, with the transformers modules it pulls in)."""

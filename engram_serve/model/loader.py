@@ -38,9 +38,12 @@ INDEX_FILE = "model.safetensors.index.json"
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 MAX_LISTED = 5  # names quoted in one error message
 QUANTIZATIONS = ("none", "gguf", *QUANTIZABLE)
-_INITIALIZERS = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_",
-                 "xavier_uniform_", "xavier_normal_", "trunc_normal_", "zeros_", "ones_")
 QUANTIZED_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
+# What a module's reset_parameters may call, skipped while a model is built on the meta device.
+_INITIALIZERS = (
+    *("uniform_", "normal_", "trunc_normal_", "zeros_", "ones_"),
+    *("kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_"),
+)
 
 
 class ModelLoadError(ValueError):
