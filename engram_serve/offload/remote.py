@@ -474,6 +474,11 @@ class RemoteStore(StagedStore):
     # One call carries a batch's ranges (measured: more threads on one client only queue);
     # a look-ahead of many chunks is still split so that a step's own reads need not wait.
     min_chunk_rows, max_chunk_rows = 1 << 14, 1 << 14
+    # A decode step's misses (tens of rows, ~0.5 ms) are read in the engine thread at step
+    # start: on a CPU the forward pass keeps busy, the hand-offs of a pool's read (our thread,
+    # Mooncake's, the store node's, each waiting for a core) made the first Engram layer wait
+    # ~4 ms a step for them.
+    inline_rows = 64
 
     def __init__(self, table: Any, io_pool: Any) -> None:
         if not isinstance(table, PublishedTable):
