@@ -30,6 +30,7 @@ from engram_serve.config import EngineConfig, OffloadConfig, ServerConfig
 from engram_serve.engine.request import SamplingParams
 from engram_serve.engram.tables import open_table
 from engram_serve.llm import build_engine
+from engram_serve.offload.tiers import TableReadError, wait_reads
 from engram_serve.server.api import build_app
 from engram_serve.server.process import BackgroundServer
 
@@ -149,6 +150,17 @@ def test_published_rows_read_back_exactly_and_publishing_again_puts_nothing(
                 store_.read(ids, weight, scale)
                 np.testing.assert_array_equal(weight, local.weight[ids])
                 np.testing.assert_array_equal(scale, local.scale[ids])
+            # a decode-sized read is done in the caller's thread; its failure is raised on wait
+            ids = np.array([7, 7, 3])
+            weight = np.empty((len(ids), table.width), np.uint8)
+            scale = np.empty((len(ids), table.scale_row_bytes), np.uint8)
+            ((rows, read),) = store_.submit_reads(ids, weight, scale)
+            assert read.done() and rows == slice(0, 3)
+            np.testing.assert_array_equal(weight, local.weight[ids])
+        past_the_end = np.array([table.rows + table.chunk_rows])  # a key never published
+        reads = store_.submit_reads(past_the_end, weight[:1], scale[:1])
+        with pytest.raises(TableReadError, match=r"layer_\d+/\d+ failed"):
+            wait_reads(reads)
     store_.close()
 
 

@@ -31,7 +31,9 @@ tables in each tier in turn.
    a PNG.
    The machine may be shared and its speed drifts: use --repeats (rounds of every tier, in
    order and then reversed); a tier's ratio to device is the median over rounds of its run
-   against the device run of the same round.
+   against the device run of the same round. `--quiet SHARE` waits before each run until the
+   CPU pressure of the last 10 s is at most SHARE (another process's threads slowed runs here
+   10-30x).
 """
 
 from __future__ import annotations
@@ -152,6 +154,23 @@ def storage_read_bytes() -> int | None:
         return int(fields["read_bytes"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def wait_until_quiet(max_pressure: float, timeout_s: float = 900.0) -> float:
+    """Block until the share of the last 10 s in which some task waited for a CPU (Linux PSI,
+    avg10) is at most `max_pressure` (or `timeout_s` passed); returns seconds waited. On a
+    shared 2-core machine, a run beside another process's threads ran 10-30x slower."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        try:
+            with open("/proc/pressure/cpu") as f:
+                avg10 = float(f.readline().split()[1].split("=")[1]) / 100
+        except (OSError, IndexError, ValueError):
+            break
+        if avg10 <= max_pressure:
+            break
+        time.sleep(2)
+    return time.perf_counter() - start
 
 
 def cpu_waiting_s() -> float | None:
@@ -437,6 +456,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="default: all (the remote ones with --remote-master)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="runs of every tier, interleaved")
     p.add_argument("--seed", type=int, default=0, help="the workload's")
+    p.add_argument("--quiet", type=float, default=None, metavar="SHARE",
+                   help="before each run, wait until CPU pressure (PSI avg10) is at most "
+                        "SHARE (runs beside other processes are not comparable)")  # fmt: skip
     p.add_argument("--prompts", choices=["random", "text"], default="random",
                    help="random ids (every n-gram new: the worst case), or English text with "
                         "a profiled hot set")  # fmt: skip
@@ -506,6 +528,8 @@ def run_all(args: argparse.Namespace, model_dir: Path, config: EngramConfig) -> 
     results = []
     runs = alternating(list(tiers), args.repeats)
     for round_, name in progress(runs, "runs", total=args.repeats * len(tiers)):
+        if args.quiet is not None:
+            wait_until_quiet(args.quiet)
         r = run_in_own_process(name, model_dir, config, engine_config, tiers[name], workload)
         results.append({**r, "round": round_})
         print_row(r, None)

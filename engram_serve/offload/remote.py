@@ -17,22 +17,28 @@ A server checks at start that the copy is complete and that its layout is the on
 implies and this version writes, and refuses with one line otherwise. Chunks are put with a hard
 pin: the store never evicts a table.
 
-Reads. On loopback TCP each ranged read costs ~25-40 us whatever its size (1 KiB or 64 KiB
-objects alike), threads of one client add nothing, and one call carries many ranges; bandwidth
-is ~1-1.7 GB/s. So a read is one call (`get_into_ranges`) with every row of the batch, sorted,
-and neighbouring rows of a chunk merged into one range while the bytes between them cost less
-than a range (MERGE_GAP_BYTES); records land packed in a registered bounce buffer and are split
-into the staging's rows and scales. Scales travel with their row (on the disk tier they stay in
+Reads. On loopback TCP each ranged read costs ~25-30 us whatever its size (1 KiB or 64 KiB
+objects alike: one request and reply on one connection, ~20 us of this process's CPU and ~6 us
+of the store node's), threads of one client add nothing, and one call carries many ranges;
+bandwidth is ~1-1.7 GB/s. So a read is one call with every row of the batch, sorted, and
+neighbouring rows of a chunk merged into one range while the bytes between them cost less than a
+range (MERGE_GAP_BYTES); records land packed in a registered bounce buffer and are split into
+the staging's rows and scales. Scales travel with their row (on the disk tier they stay in
 RAM): a second read a row would double the requests, and a copy per server is what publishing
-once avoids.
+once avoids. The call is `batch_get_into_multi_buffer_ranges` on a get session: the replicas of
+every chunk are queried once (`batch_get_session_start`, renewed by the probe below) and a read
+asks the master nothing (`get_into_ranges` queries it once per chunk a call: 16-row reads took
+0.86 ms that way and 0.45 ms on the session).
 
 Store state (`RemoteTables.state`): "ready", "unreachable" (the master does not answer) or
-"unpublished" (the completion marker is gone). A thread probes the marker every PROBE_S; reads
-while the state is not "ready" fail at once with TableReadError (the step's requests fail and the
-read-error metric counts them) instead of waiting out the store's RPC timeout (~4 s each). The
-master keeps its index in memory: a restarted master has lost every key, so a server reports
-"unpublished" (in /health and the metrics) until the tables are published again, then reads
-resume with no restart; the store nodes and this client reconnect to the new master by themselves.
+"unpublished" (the completion marker is gone). A thread probes the marker every PROBE_S and
+renews the get session then (a lease outlives several probes); reads while the state is not
+"ready" fail at once with TableReadError (the step's requests fail and the read-error metric
+counts them) instead of waiting out the store's RPC timeout (~4 s each). The master keeps its
+index in memory: a restarted master has lost every key, so a server reports "unpublished" (in
+/health and the metrics) until the tables are published again, then the probe opens a session
+on the new copy and reads resume with no restart; the store nodes and this client reconnect to
+the new master by themselves.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -286,6 +293,11 @@ class RemoteTables:
         self.layout = record_layout(_engram_config(model_dir))
         self.client = connect(master, protocol)
         self.marker = f"{self.prefix}/complete"
+        self.chunk_keys = [
+            f"{self.prefix}/layer_{layer_id}/{chunk}"
+            for layer_id, lay in self.layout["layers"].items()
+            for chunk in range(-(-lay["rows"] // lay["chunk_rows"]))
+        ]  # what the get session covers
         self.state = "ready"
         self._lock = threading.Lock()
         self._free: list[np.ndarray] = []
@@ -321,8 +333,15 @@ class RemoteTables:
         return f"the Engram tables at the Mooncake master {self.master} are {self.state}"
 
     def _probe(self) -> str:
+        """The marker's state; where it is there, the get session opened (or its leases renewed)
+        on every chunk, and "ready" only if that succeeded."""
         code = self.client.is_exist(self.marker)
         state = "ready" if code == 1 else "unpublished" if code == 0 else "unreachable"
+        if state == "ready":
+            codes = self.client.batch_get_session_start(self.chunk_keys)
+            failed = [c for c in codes if c != 0]
+            if failed or len(codes) != len(self.chunk_keys):
+                state = "unpublished" if _NOT_FOUND in failed else "unreachable"
         self._set_state(state)
         return state
 
@@ -349,23 +368,34 @@ class RemoteTables:
         nbytes: int,
         out: Callable[[np.ndarray], None],
     ) -> None:
-        """Ranges `src` of objects `keys` into a bounce buffer at offsets `dst` (one call);
-        then `out(buffer[:nbytes])`. Raises TableReadError when a range comes back short."""
+        """Ranges `src` of objects `keys` (on the get session) into a bounce buffer at offsets
+        `dst`, in one call; then `out(buffer[:nbytes])`. A key whose ranges fail (its lease
+        lapsed, say) has the session renewed and is read again once; TableReadError if it fails
+        again."""
         if self.state != "ready":
             raise TableReadError(errno.EIO, self.describe())
         buf = self._acquire(nbytes)
         try:
-            got = self.client.get_into_ranges([buf.ctypes.data], [keys], [dst], [src], [sizes])[0]
-            for key, want, done in zip(keys, sizes, got):
-                if done != want:
-                    self._failed(key, min(done))
+            base = buf.ctypes.data
+            pointers = [[base + offset for offset in offsets] for offsets in dst]
+            got = self.client.batch_get_into_multi_buffer_ranges(keys, pointers, sizes, src)
+            failed = [i for i, (n, want) in enumerate(zip(got, sizes)) if n != sum(want)]
+            if failed and self._probe() == "ready":
+                got = self.client.batch_get_into_multi_buffer_ranges(
+                    [keys[i] for i in failed], [pointers[i] for i in failed],
+                    [sizes[i] for i in failed], [src[i] for i in failed],
+                )  # fmt: skip
+                failed = [i for i, n in zip(failed, got) if n != sum(sizes[i])]
+                if failed:  # the master has the keys; the store node did not answer
+                    self._set_state("unreachable")
+            if failed:
+                raise TableReadError(
+                    errno.EIO, f"{self.describe()}: reading {keys[failed[0]]} failed "
+                    f"(error {min(got)})",
+                )  # fmt: skip
             out(buf[:nbytes])
         finally:
             self._release(buf)
-
-    def _failed(self, key: str, code: int) -> None:
-        self._set_state("unpublished" if code == _NOT_FOUND else "unreachable")
-        raise TableReadError(errno.EIO, f"{self.describe()}: reading {key} failed (error {code})")
 
     def _acquire(self, nbytes: int) -> np.ndarray:
         with self._lock:
@@ -391,6 +421,7 @@ class RemoteTables:
             return
         self._closed.set()
         self._monitor.join()
+        self.client.batch_get_session_end(self.chunk_keys)
         for buf in self._registered:
             self.client.unregister_buffer(buf.ctypes.data)
         disconnect(self.client)
@@ -425,6 +456,16 @@ def plan_ranges(ids: np.ndarray, chunk_rows: int, record_bytes: int,
     return order, chunk[first], span_src, span_len, span_dst, row_pos
 
 
+@numba.njit(nogil=True, cache=True)
+def _unpack(packed, row_pos, order, weight, scale):
+    """Record i of `packed` (at byte row_pos[i]) into weight[order[i]], then scale[order[i]]."""
+    row_bytes, scale_bytes = weight.shape[1], scale.shape[1]
+    for i in range(row_pos.shape[0]):
+        start, row = row_pos[i], order[i]
+        weight[row, :] = packed[start : start + row_bytes]
+        scale[row, :] = packed[start + row_bytes : start + row_bytes + scale_bytes]
+
+
 class RemoteStore(StagedStore):
     """Remote tier: one layer's published rows, read by the I/O threads into staging (see the
     module docstring for the read)."""
@@ -433,6 +474,11 @@ class RemoteStore(StagedStore):
     # One call carries a batch's ranges (measured: more threads on one client only queue);
     # a look-ahead of many chunks is still split so that a step's own reads need not wait.
     min_chunk_rows, max_chunk_rows = 1 << 14, 1 << 14
+    # A decode step's misses (tens of rows, ~0.5 ms) are read in the engine thread at step
+    # start: on a CPU the forward pass keeps busy, the hand-offs of a pool's read (our thread,
+    # Mooncake's, the store node's, each waiting for a core) made the first Engram layer wait
+    # ~4 ms a step for them.
+    inline_rows = 64
 
     def __init__(self, table: Any, io_pool: Any) -> None:
         if not isinstance(table, PublishedTable):
@@ -461,11 +507,11 @@ class RemoteStore(StagedStore):
         keys = [self.keys + str(c) for c in chunk[np.append(0, cut)].tolist()] if len(ids) else []
         row_bytes, n = self.table.row_bytes, len(ids)
 
+        weight = weight_out.view(np.uint8).reshape(n, row_bytes)
+        scale = np.empty((n, 0), np.uint8) if scale_out is None else scale_out
+
         def split(packed: np.ndarray) -> None:
-            records = packed[row_pos[:, None] + np.arange(self.record_bytes)]  # [n, record]
-            weight_out.view(np.uint8).reshape(n, row_bytes)[order] = records[:, :row_bytes]
-            if scale_out is not None:
-                scale_out[order] = records[:, row_bytes:]
+            _unpack(packed, row_pos, order, weight, scale)
 
         def per_chunk(a: np.ndarray) -> list[list[int]]:
             return [part.tolist() for part in np.split(a, cut)]

@@ -267,6 +267,7 @@ class StagedStore:
     state = "ready"
     min_chunk_rows = 2048  # memory copies: a task must outweigh the executor's overhead
     max_chunk_rows: int | None = None  # None: one task per thread
+    inline_rows = 0  # submit_reads of at most this many rows reads in the caller's thread
 
     def __init__(self, io_pool: ThreadPoolExecutor, table_bytes: dict[str, int]) -> None:
         self.io_pool, self.table_bytes = io_pool, table_bytes
@@ -281,7 +282,16 @@ class StagedStore:
     def submit_reads(
         self, ids: np.ndarray, weight_out: np.ndarray, scale_out: np.ndarray | None
     ) -> Reads:
-        """`read`, started on the pool and returned at once: wait on it with `wait_reads`."""
+        """`read`, started on the pool and returned at once: wait on it with `wait_reads`. A read
+        of at most `inline_rows` rows is done before it returns, its outcome in the future."""
+        if 0 < len(ids) <= self.inline_rows:
+            done: Future = Future()
+            try:
+                self._read_chunk(ids, weight_out, scale_out)
+                done.set_result(None)
+            except Exception as e:  # raised by wait_reads, as a pool's read would be
+                done.set_exception(e)
+            return [(slice(0, len(ids)), done)]
         chunk = self._chunk_rows(len(ids))
         spans = [slice(s, s + chunk) for s in range(0, len(ids), chunk)]
         return [
