@@ -70,6 +70,7 @@ from engram_serve.bench.throughput import (
     add_workload_args,
     make_workload,
     run_engine,
+    text_corpus,
     workload_engine_config,
 )
 from engram_serve.config import EngineConfig, OffloadConfig
@@ -196,8 +197,6 @@ def text_workload(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, 
     traffic), prompts are windows of the second half. Random ids never repeat an n-gram, so
     every row is read once and no cache helps: that is the worst case; text is the use case.
     """
-    from pydoc_data.topics import topics
-
     from engram_serve.engine.tokenizer import Tokenizer
     from engram_serve.engram.compression import load_compression
     from engram_serve.engram.ngram_hash import NgramHasher
@@ -205,7 +204,7 @@ def text_workload(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, 
     from engram_serve.offload.cache import profile_rows
 
     tokenizer = Tokenizer(model_dir)
-    corpus = np.array(tokenizer.encode("\n".join(topics.values())), dtype=np.int64)
+    corpus = text_corpus(model_dir)
     half = len(corpus) // 2
     hasher = NgramHasher(read_engram_config(model_dir), load_compression(tokenizer.hf_tokenizer))
     documents = [corpus[i : i + 1024] for i in range(0, half, 1024)]
