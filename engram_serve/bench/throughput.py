@@ -390,8 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
             peaks.append(matmul_peak_gflops(device=args.device))
         seconds[name].append(runners[name]())
         say(f"round {round_ + 1}/{args.rounds} {name}: {seconds[name][-1]:.1f} s")
-    del hf_models
-    for name in runners:
+    del runners, hf_models  # transformers' models freed before the single-stream runs
+    for name in seconds:
         mean = sum(seconds[name]) / len(seconds[name])
         results[name] = {
             "seconds": mean,

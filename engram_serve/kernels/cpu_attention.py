@@ -74,43 +74,46 @@ def attention_kernel(
     """Sequences [first, last) of q `[S, KVH, G, hd]` into out (same shape), KV heads
     [heads_first, heads_last) of each, in float32; the caches float32 or float16 bits
     (kernels/cpu_half.py)."""
-    _, kv_heads, group, hd = q.shape
+    _, _, group, hd = q.shape
     block_size = k_cache.shape[1]
+    num_heads = heads_last - heads_first  # scores and sums of these heads only
     for seq in range(first, last):
         length = seq_lens[seq]
-        scores = np.empty((kv_heads, group, length), np.float32)
+        scores = np.empty((num_heads, group, length), np.float32)
         for pos in range(length):
             _prefetch_record(k_cache, block_tables, seq, pos + _PREFETCH_POSITIONS, length)
             block, offset = block_tables[seq, pos // block_size], pos % block_size
-            for head in range(heads_first, heads_last):
+            for h in range(num_heads):
+                head = heads_first + h
                 for g in range(group):
                     dot = np.float32(0.0)
                     for d in range(hd):
                         dot += q[seq, head, g, d] * load(k_cache[block, offset, head, d])
-                    scores[head, g, pos] = dot * scale
+                    scores[h, g, pos] = dot * scale
         # Softmax with the maximum subtracted, as SDPA does: exp never overflows.
-        for head in range(heads_first, heads_last):
+        for h in range(num_heads):
             for g in range(group):
-                peak = scores[head, g, 0]
+                peak = scores[h, g, 0]
                 for pos in range(1, length):
-                    peak = max(peak, scores[head, g, pos])
+                    peak = max(peak, scores[h, g, pos])
                 total = np.float32(0.0)
                 for pos in range(length):
-                    weight = _exp_nonpositive(scores[head, g, pos] - peak)
-                    scores[head, g, pos] = weight
+                    weight = _exp_nonpositive(scores[h, g, pos] - peak)
+                    scores[h, g, pos] = weight
                     total += weight
                 for pos in range(length):
-                    scores[head, g, pos] /= total
-        acc = np.zeros((kv_heads, group, hd), np.float32)
+                    scores[h, g, pos] /= total
+        acc = np.zeros((num_heads, group, hd), np.float32)
         for pos in range(length):
             _prefetch_record(v_cache, block_tables, seq, pos + _PREFETCH_POSITIONS, length)
             block, offset = block_tables[seq, pos // block_size], pos % block_size
-            for head in range(heads_first, heads_last):
+            for h in range(num_heads):
+                head = heads_first + h
                 for g in range(group):
-                    weight = scores[head, g, pos]
+                    weight = scores[h, g, pos]
                     for d in range(hd):
-                        acc[head, g, d] += weight * load(v_cache[block, offset, head, d])
-        out[seq, heads_first:heads_last] = acc[heads_first:heads_last]
+                        acc[h, g, d] += weight * load(v_cache[block, offset, head, d])
+        out[seq, heads_first:heads_last] = acc
 
 
 def check_in_pool(tables: np.ndarray, lens: np.ndarray, k_cache: torch.Tensor) -> None:
