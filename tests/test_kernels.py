@@ -750,30 +750,34 @@ def test_cpu_decode_layer_refuses_what_it_cannot_run():
 
     h, weights, rope, (k, v), meta = _decode_layer_case()
 
-    def call(h=h, weights=weights, k=k, v=v, **changes):
+    def bind(weights=weights, k=k, v=v):
+        return cpu_decode.bind(weights, 1e-6, k, v, scale=0.5)
+
+    def call(h=h, **changes):
         step = cpu_decode.decode_step(*rope, **{**meta, **changes}, k_cache=k)
-        arrays = cpu_decode.kernel_weights(weights)
-        return cpu_decode.decode_layer(h, arrays, 1e-6, step, k, v, scale=0.5)
+        return cpu_decode.decode_layer(h, bind(), step)
 
     out = call()
     assert out.shape == h.shape and out.isfinite().all() and not torch.equal(out, h)
-    assert cpu_decode.supports(h, weights.qkv, k)
-    assert not cpu_decode.supports(torch.randn(MAX_ROWS + 1, 8), weights.qkv, k)
-    assert not cpu_decode.supports(h.bfloat16(), weights.qkv, k)
-    assert not cpu_decode.supports(h, weights.qkv.bfloat16(), k)
-    assert not cpu_decode.supports(h, weights.qkv, k.bfloat16())
+    assert cpu_decode.supports(h)
+    assert not cpu_decode.supports(torch.randn(MAX_ROWS + 1, 8))
+    assert not cpu_decode.supports(h.bfloat16())
+    # Weights or caches of other dtypes: the eager layer runs them.
+    assert bind(weights._replace(qkv=weights.qkv.bfloat16())) is None
+    assert bind(weights._replace(down=weights.down.half())) is None
+    assert bind(k=k.bfloat16(), v=v.bfloat16()) is None
     with pytest.raises(ValueError, match="needs float32 CPU tensors and 1..256 sequences"):
         call(h=h.double())
     with pytest.raises(ValueError, match="one a slot, got h torch.float32 .3, 8. .* for 2 slots"):
         call(h=torch.randn(3, 8))
-    with pytest.raises(ValueError, match="float32 or float16 caches, got torch.bfloat16"):
-        call(k=k.bfloat16(), v=v.bfloat16())
-    with pytest.raises(ValueError, match="needs float32 CPU tensors"):
-        call(weights=weights._replace(down=weights.down.half()))
+    with pytest.raises(ValueError, match="K and V caches differ: torch.float32 .* torch.float16"):
+        bind(v=v.half())
     with pytest.raises(ValueError, match="q_norm and k_norm come together"):
-        call(weights=weights._replace(q_norm=torch.ones(4)))
+        bind(weights._replace(q_norm=torch.ones(4)))
+    with pytest.raises(ValueError, match="do not fit its hidden size 8"):
+        bind(weights._replace(down=weights.down[:, :10]))
     with pytest.raises(ValueError, match="must be contiguous"):
-        call(k=k.transpose(0, 1).contiguous().transpose(0, 1))
+        bind(k=k.transpose(0, 1).contiguous().transpose(0, 1))
     with pytest.raises(ValueError, match="2 tokens need 2 slots"):
         call(slot_mapping=meta["slot_mapping"][:1])
     with pytest.raises(ValueError, match=r"block ids span \[2, 3\], outside the pool"):

@@ -346,10 +346,10 @@ def test_decode_layer_with_quantized_weights_equals_their_float32_values(layout)
     outputs = []
     for weights in (quantized, dense):
         h, layer, rope, (k, v), meta = _decode_case(weights, dim, kv_heads, hd)
-        assert cpu_decode.supports(h, layer.qkv, k)
+        assert cpu_decode.supports(h)
         step = cpu_decode.decode_step(*rope, **meta, k_cache=k)
-        arrays = cpu_decode.kernel_weights(layer)
-        out = cpu_decode.decode_layer(h, arrays, 1e-6, step, k, v, scale=hd**-0.5)
+        fused = cpu_decode.bind(layer, 1e-6, k, v, scale=hd**-0.5)
+        out = cpu_decode.decode_layer(h, fused, step)
         outputs.append((out, k, v))
     (out, k, v), (want, want_k, want_v) = outputs
     assert not torch.equal(out, h)

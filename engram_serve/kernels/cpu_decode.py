@@ -29,7 +29,6 @@ import numba
 import numpy as np
 import torch
 
-from engram_serve.kernels import cpu_linear, cpu_quant
 from engram_serve.kernels.cpu_attention import attention_kernel, check_in_pool
 from engram_serve.kernels.cpu_half import CACHE_DTYPES, as_bits, store
 from engram_serve.kernels.cpu_linear import MAX_ROWS
@@ -145,15 +144,15 @@ def _decode_layer_kernel(
             out[s, i] += proj[s, i]
 
 
-def supports(h: torch.Tensor, qkv: torch.Tensor | QuantizedWeight, k_cache: torch.Tensor) -> bool:
-    """Whether this kernel can run the layer: what cpu_linear's tiles take (float32 CPU rows,
-    1..MAX_ROWS of them, against the float32 QKV weight) or cpu_quant's (the same rows against a
-    QuantizedWeight), and a float32 or float16 cache."""
-    if isinstance(qkv, QuantizedWeight):
-        fits = cpu_quant.supports(h, qkv) and h.shape[0] <= MAX_ROWS
-    else:
-        fits = cpu_linear.supports(h, qkv)
-    return fits and k_cache.dtype in CACHE_DTYPES
+def supports(h: torch.Tensor) -> bool:
+    """Whether the kernel takes these hidden states: float32 CPU rows, 1..MAX_ROWS of them (the
+    weights and caches it takes: `bind`)."""
+    return (
+        h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and h.dim() == 2
+        and 0 < h.shape[0] <= MAX_ROWS
+    )
 
 
 class DecodeStep(NamedTuple):
@@ -191,61 +190,81 @@ def decode_step(
     return DecodeStep(*rope, slots, tables, lens)
 
 
-def kernel_weights(weights: LayerWeights) -> tuple:
-    """A layer's weights as the kernel takes them (once per layer: they stay valid while the
-    tensors do)."""
-    if any(isinstance(w, torch.Tensor) and w.dtype != torch.float32 for w in weights):
+class FusedLayer(NamedTuple):
+    """One layer's weights and KV caches as the kernel takes them, checked and converted once
+    (`bind`): done on every call, that was ~50 us a layer, 1.5 ms of the default model's 13 ms
+    single-stream step."""
+
+    weights: tuple  # LayerWeights' fields: cpu_quant.matmul_tile's tuples for the matrices
+    k_cache: np.ndarray  # [num_blocks, block_size, KVH, hd] float32, or float16 bits
+    v_cache: np.ndarray
+    eps: np.float32
+    scale: np.float32
+
+
+def bind(
+    weights: LayerWeights,
+    eps: float,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd], written by decode_layer
+    v_cache: torch.Tensor,
+    scale: float,
+) -> FusedLayer | None:
+    """The layer as decode_layer takes it, valid while these tensors are the layer's; None where
+    the kernel does not run it (a weight neither float32 on the CPU nor a QuantizedWeight, or a
+    cache neither float32 nor float16)."""
+    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
+    if k_cache.dtype not in CACHE_DTYPES or any(
+        w.dtype != torch.float32 or w.device.type != "cpu" for w in tensors
+    ):
+        return None
+    if v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape:
         raise ValueError(
-            "decode_layer needs float32 CPU tensors: got weights of "
-            f"{sorted({str(w.dtype) for w in weights if isinstance(w, torch.Tensor)})}"
+            f"the K and V caches differ: {k_cache.dtype} {tuple(k_cache.shape)} against "
+            f"{v_cache.dtype} {tuple(v_cache.shape)}"
         )
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
     if (weights.q_norm is None) != (weights.k_norm is None):
         raise ValueError("q_norm and k_norm come together")
-    return tuple(
+    # The kernel reads without bounds checks: the matrices must fit the hidden size.
+    dim = weights.input_norm.shape[0]
+    shapes = {name: tuple(getattr(weights, name).shape) for name in MATMUL_WEIGHTS}
+    if not (shapes["qkv"][1] == shapes["gate_up"][1] == shapes["o_proj"][0] == shapes["down"][0]
+            == dim and shapes["down"][1] * 2 == shapes["gate_up"][0]):  # fmt: skip
+        raise ValueError(f"the layer's matrices do not fit its hidden size {dim}: {shapes}")
+    arrays = tuple(
         kernel_arrays(w) if name in MATMUL_WEIGHTS
         else None if w is None else w.detach().contiguous().numpy()
         for name, w in zip(LayerWeights._fields, weights, strict=True)
     )  # fmt: skip
+    caches = as_bits(k_cache), as_bits(v_cache)
+    return FusedLayer(arrays, *caches, np.float32(eps), np.float32(scale))
 
 
 def decode_layer(
-    h: torch.Tensor,  # [S, D] float32, token s is sequence s's one new token
-    weights: tuple,  # kernel_weights(LayerWeights)
-    eps: float,
+    h: torch.Tensor,  # [S, D] float32 (`supports`), token s is sequence s's one new token
+    layer: FusedLayer,
     step: DecodeStep,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, hd] float32 or float16, written
-    v_cache: torch.Tensor,
-    scale: float,
 ) -> torch.Tensor:  # [S, D], the layer's output (h is not changed)
-    if not (
-        h.device.type == "cpu"
-        and h.dtype == torch.float32
-        and h.dim() == 2
-        and 0 < h.shape[0] <= MAX_ROWS
-        and h.shape[0] == step.slots.shape[0]
-    ):
+    if not (supports(h) and h.shape[0] == step.slots.shape[0]):
         raise ValueError(
             f"decode_layer needs float32 CPU tensors and 1..{MAX_ROWS} sequences, one a slot, got "
             f"h {h.dtype} {tuple(h.shape)} on {h.device} for {step.slots.shape[0]} slots"
         )
-    if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"decode_layer needs float32 or float16 caches, got {k_cache.dtype}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV caches must be contiguous")
     out = torch.empty_like(h)
     launch_parallel(
         _decode_layer_kernel,
         h.contiguous().numpy(),
-        *weights,
+        *layer.weights,
         step.cos,
         step.sin,
-        as_bits(k_cache),
-        as_bits(v_cache),
+        layer.k_cache,
+        layer.v_cache,
         step.slots,
         step.tables,
         step.lens,
-        np.float32(eps),
-        np.float32(scale),
+        layer.eps,
+        layer.scale,
         out.numpy(),
     )
     return out

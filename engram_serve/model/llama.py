@@ -23,7 +23,7 @@ from engram_serve.config import ModelConfig
 from engram_serve.engram.config import EngramConfig
 from engram_serve.kernels import cpu_decode
 from engram_serve.model.attention import paged_attention
-from engram_serve.model.batch import ForwardBatch
+from engram_serve.model.batch import CacheTensors, ForwardBatch
 from engram_serve.model.engram import build_engram
 from engram_serve.model.linear import (
     Linear,
@@ -208,7 +208,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
         self.engram = None
-        self._kernel_weights: tuple | None = None  # (LayerWeights, their kernel arrays)
+        self._fused: tuple | None = None  # (the K cache it is bound to, cpu_decode.FusedLayer)
         if engram_config is not None and layer_id in engram_config.layer_ids:
             self.engram = build_engram(engram_config, config.hidden_size)
 
@@ -222,47 +222,38 @@ class LlamaDecoderLayer(nn.Module):
         """`decode`: a decode-only step's inputs for the fused layer (LlamaModel.forward)."""
         if self.engram is not None:
             h = self.apply_engram(h, batch)
-        if decode is not None and cpu_decode.supports(
-            h, self.self_attn.qkv_weight, batch.cache.k[self.layer_id]
-        ):
-            return self.decode_fused(h, decode, batch)
+        fused = None if decode is None else self.fused_layer(batch.cache)
+        if fused is not None:
+            return cpu_decode.decode_layer(h, fused, decode)
         h = h + self.self_attn(self.input_layernorm(h), rope, batch)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def decode_fused(
-        self, h: torch.Tensor, decode: cpu_decode.DecodeStep, batch: ForwardBatch
-    ) -> torch.Tensor:  # [S, D] -> [S, D]: the same layer as one compiled call
-        attn, cache = self.self_attn, batch.cache
-        return cpu_decode.decode_layer(
-            h,
-            self.kernel_weights(),
-            self.input_layernorm.eps,
-            decode,
-            cache.k[self.layer_id],
-            cache.v[self.layer_id],
-            attn.scale,
-        )
+    def fuse_projections(self) -> None:
+        self.self_attn.fuse_projections()
+        self.mlp.fuse_projections()
+        self._fused = None  # bound to the replaced weights
 
-    def kernel_weights(self) -> tuple:
-        """The fused layer's weights as its kernel takes them, converted again only when a
-        weight was replaced (the loader does, before the first step)."""
-        attn, mlp = self.self_attn, self.mlp
-        qk_norm = hasattr(attn, "q_norm")
-        weights = cpu_decode.LayerWeights(
-            self.input_layernorm.weight,
-            attn.qkv_weight,
-            attn.qkv_bias,
-            attn.q_norm.weight if qk_norm else None,
-            attn.k_norm.weight if qk_norm else None,
-            attn.o_proj.weight,
-            self.post_attention_layernorm.weight,
-            mlp.gate_up_weight,
-            mlp.down_proj.weight,
-        )
-        cached = self._kernel_weights
-        if cached is None or any(a is not b for a, b in zip(cached[0], weights, strict=True)):
-            cached = self._kernel_weights = (weights, cpu_decode.kernel_weights(weights))
-        return cached[1]
+    def fused_layer(self, cache: CacheTensors) -> cpu_decode.FusedLayer | None:
+        """This layer as the fused decode kernel takes it (None: the kernel does not run it),
+        bound once for the cache's tensors and again after fuse_projections."""
+        k, v = cache.k[self.layer_id], cache.v[self.layer_id]
+        if self._fused is None or self._fused[0] is not k:
+            attn, mlp = self.self_attn, self.mlp
+            qk_norm = hasattr(attn, "q_norm")
+            weights = cpu_decode.LayerWeights(
+                self.input_layernorm.weight,
+                attn.qkv_weight,
+                attn.qkv_bias,
+                attn.q_norm.weight if qk_norm else None,
+                attn.k_norm.weight if qk_norm else None,
+                attn.o_proj.weight,
+                self.post_attention_layernorm.weight,
+                mlp.gate_up_weight,
+                mlp.down_proj.weight,
+            )
+            eps = self.input_layernorm.eps
+            self._fused = (k, cpu_decode.bind(weights, eps, k, v, attn.scale))
+        return self._fused[1]
 
     def apply_engram(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if batch.engram_rows is None:
@@ -299,8 +290,7 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb(batch.positions, h.dtype)  # cos, sin, shared by all layers
         decode = None
         meta, cache = batch.attn, batch.cache
-        if meta.is_decode_only and cpu_decode.supports(h, self.layers[0].self_attn.qkv_weight,
-                                                       cache.k[0]):  # fmt: skip
+        if meta.is_decode_only and cpu_decode.supports(h):
             decode = cpu_decode.decode_step(
                 *rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, cache.k[0]
             )
@@ -329,8 +319,7 @@ class LlamaForCausalLM(nn.Module):
         """Fuse q/k/v and gate/up into single matmuls; call again after replacing parameters
         (the loader does)."""
         for layer in self.model.layers:
-            layer.self_attn.fuse_projections()
-            layer.mlp.fuse_projections()
+            layer.fuse_projections()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection when the config ties them; call again
