@@ -266,6 +266,52 @@ def test_the_banded_path_crosses_bands(monkeypatch):
     _assert_close_to_float64(cpu_quant.linear(x, weight), x, want)
 
 
+def test_bfloat16_stores_round_as_torch_converts():
+    """cpu_vector.store_bf16 against torch's float32 -> bfloat16 conversion, bit for bit: ties
+    (half a bfloat16 step) to even both ways, signs, a subnormal, the largest finite values."""
+    import numba
+
+    from engram_serve.kernels.cpu_vector import load, store_bf16
+
+    @numba.njit
+    def to_bf16(values, out):
+        store_bf16(out, 0, 0, load(values, 0, 0))
+
+    one = np.float32(1.0)
+    step = np.float32(2.0**-7)  # a bfloat16 step at 1
+    cases = [one + step / 2, one + 3 * step / 2, one + step / 2 + np.float32(2.0**-23),
+             -(one + step / 2), np.float32(1e-40), np.float32(3.0e38), np.float32(-0.0),
+             np.float32(np.pi)]  # fmt: skip
+    values = np.array([cases * 2], dtype=np.float32)  # [1, 16]
+    got = np.zeros((1, 16), np.uint16)
+    to_bf16(values, got)
+    want = torch.from_numpy(values).to(torch.bfloat16).view(torch.uint16).numpy()
+    assert (got == want).all(), f"{got} != {want}"
+
+
+@pytest.mark.parametrize("format", ["q4_1", "q6_k"])
+def test_bfloat16_prefill_products_cross_bands(format, monkeypatch):
+    """Prefill-sized products in bfloat16: the weight dequantized straight into bfloat16 holds
+    gguf-py's values as torch rounds them, and the product, banded, is that of the rounded x
+    and W, its float32 sums rounded to bfloat16 once."""
+    k = _k(format)
+    monkeypatch.setattr(cpu_quant, "BAND_ELEMENTS", k * 24)  # bands of 24 rows
+    weight, want = _weight(format, 50, k)
+    bits = torch.empty(50, k, dtype=torch.bfloat16)
+    cpu_quant._dequantize_rows(weight.arrays, np.arange(50), bits.view(torch.uint16).numpy())
+    assert torch.equal(
+        bits.view(torch.uint16), torch.from_numpy(want).bfloat16().view(torch.uint16)
+    )
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(cpu_quant.BAND_MIN_ROWS + 1, k, generator=gen)
+    got = cpu_quant.linear(x, weight, prefill_dtype=torch.bfloat16)
+    x64, w64 = x.bfloat16().double(), bits.double()
+    exact = x64 @ w64.T
+    bound = 2.0**-8 * exact.abs() + k * 2.0**-24 * (x64.abs() @ w64.abs().T)
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
 def test_linear_refuses_what_it_cannot_run():
     weight, _ = _weight("q4_1", 8, 64)
     assert cpu_quant.supports(torch.randn(1, 64), weight)

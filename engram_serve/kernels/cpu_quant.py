@@ -15,8 +15,8 @@ those of the dequantized weights, summed in another order:
   load, 16 conversions and 32 FMAs on 512-bit registers (checked with inspect_asm).
 - DEQUANTIZED_TILE_ROWS..BAND_MIN_ROWS rows: the tile dequantized once into L1, then
   kernels/cpu_linear.py's tile (so the output equals cpu_linear's on dequantize(), bit for bit).
-- more rows (prefill): bands of BAND_ELEMENTS weights dequantized into one float32 buffer and
-  multiplied by torch (MKL).
+- more rows (prefill): bands of BAND_ELEMENTS weights dequantized into one buffer and multiplied
+  by torch: in float32 (MKL), or in bfloat16 (oneDNN), dequantized straight into bfloat16.
 
 All the default model's matmuls (`python -m engram_serve.bench.kernels --quant`), on a 2-vCPU
 KVM "Intel(R) Xeon(R) Processor" (family 6, model 167; AVX-512, AMX), one thread
@@ -64,6 +64,7 @@ from engram_serve.kernels.cpu_vector import (
     ramp,
     splat,
     store,
+    store_bf16,
     sub,
 )
 
@@ -72,10 +73,12 @@ QUANTIZABLE = ("q4_0", "q4_1", "q8_0")  # what gguf-py's reference quantizer imp
 BLOCK = 32  # the kernels' unit along K: every format's blocks split into blocks of 32
 TILE = 8  # weight rows per tile
 DEQUANTIZED_TILE_ROWS = 16
-# Above this many rows of x, linear() dequantizes bands of BAND_ELEMENTS weights into a float32
-# buffer and multiplies with torch (MKL).
+# Above this many rows of x, linear() dequantizes bands of BAND_ELEMENTS weights into a buffer
+# and multiplies with torch (_banded). 4 M (16 MB in float32) keeps each of the default model's
+# prefill weights in one band: with 1 M its 4 prefill steps of 2,048 tokens took 3.66-3.95 s,
+# with 4 M 3.42-3.50 (3 rounds each, alternating; 2-core Xeon family 6 model 167).
 BAND_MIN_ROWS = MAX_ROWS
-BAND_ELEMENTS = 1 << 20
+BAND_ELEMENTS = 1 << 22
 _SUPER = 256  # values in a K-quant super-block (Q4_K, Q6_K)
 # 4-bit blocks dequantized by looking their codes up in the block's 16 values (one VPERMPS per
 # 16 weights) rather than converting each code and scaling it: the same values, fewer
@@ -578,12 +581,23 @@ def _linear_kernel(x, w, out):
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 def _dequantize_rows(w, rows, out):
-    """out[i] = W[rows[i]] in float32, for out `[len(rows), K]`."""
+    """out[i] = W[rows[i]], for out `[len(rows), K]`: float32, or bfloat16 bits (uint16)."""
     for i in numba.prange(len(rows)):
         for block in range(out.shape[1] // BLOCK):
             low, high = block_weights(w, rows[i], block)
-            store(out, i, block * BLOCK, low)
-            store(out, i, block * BLOCK + 16, high)
+            _store_values(out, i, block * BLOCK, low)
+            _store_values(out, i, block * BLOCK + 16, high)
+
+
+def _store_values(out, row, col, value):
+    """cpu_vector.store, or store_bf16 into an array of bfloat16 bits (uint16)."""
+
+
+@overload(_store_values, jit_options={"boundscheck": False})
+def _store_values_impl(out, row, col, value):
+    if out.dtype == types.uint16:
+        return lambda out, row, col, value: store_bf16(out, row, col, value)
+    return lambda out, row, col, value: store(out, row, col, value)
 
 
 def supports(x: torch.Tensor, weight: object) -> bool:
@@ -630,20 +644,22 @@ def _tensor(x: object) -> str:
 def _banded(
     x: torch.Tensor, weight: QuantizedWeight, num_threads: int | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """x @ W^T for many rows: W dequantized a band of rows at a time into one float32 buffer,
-    each band multiplied by torch into its columns of the output: in float32 (MKL), or in
-    bfloat16 (oneDNN: AMX tiles or AVX512-BF16 where the CPU has them; x, the band and the
-    products' float32 sums rounded to bfloat16)."""
+    """x @ W^T for many rows: W dequantized a band of rows at a time into one buffer, each band
+    multiplied by torch into its columns of the output: in float32 (MKL), or in bfloat16
+    (oneDNN: AMX tiles or AVX512-BF16 where the CPU has them; x, the band and the products'
+    float32 sums rounded to bfloat16). A bfloat16 band is dequantized straight into bfloat16."""
     n, k = weight.shape
     band = max(TILE, BAND_ELEMENTS // k)
-    buffer = torch.empty(min(band, n), k)
+    direct = dtype in (torch.float32, torch.bfloat16)  # else float32, then converted
+    buffer = torch.empty(min(band, n), k, dtype=dtype if direct else torch.float32)
+    values = buffer.view(torch.uint16) if buffer.dtype == torch.bfloat16 else buffer
     out = torch.empty(x.shape[0], n)
     x = x.detach().to(dtype).contiguous()
     for lo in range(0, n, band):
         hi = min(n, lo + band)
         rows = np.arange(lo, hi)
         launch_parallel(
-            _dequantize_rows, weight.arrays, rows, buffer.numpy(), num_threads=num_threads
+            _dequantize_rows, weight.arrays, rows, values.numpy(), num_threads=num_threads
         )
         out[:, lo:hi] = torch.mm(x, buffer[: hi - lo].to(dtype).t())
     return out

@@ -28,6 +28,7 @@ LANES = 16
 _F32X16 = ir.VectorType(ir.FloatType(), LANES)
 _I32X16 = ir.VectorType(ir.IntType(32), LANES)
 _I8X16 = ir.VectorType(ir.IntType(8), LANES)
+_I16X16 = ir.VectorType(ir.IntType(16), LANES)
 
 
 class Float32x16(types.Type):
@@ -89,6 +90,25 @@ def store(typingctx, array, row, col, value):
         builder.store(args[3], _element_pointer(context, builder, sig, args, _F32X16), align=4)
 
     return types.void(array, row, col, value), codegen
+
+
+@intrinsic
+def store_bf16(typingctx, array, row, col, value):
+    """array[row, col : col + 16] = value as bfloat16 bits, for a uint16 array: rounded to the
+    nearest, ties to even, as torch converts finite values (NaN is not kept)."""
+
+    def codegen(context, builder, sig, args):
+        bits = builder.bitcast(args[3], _I32X16)
+        lsb = builder.and_(builder.lshr(bits, _i32x16(16)), _i32x16(1))
+        rounded = builder.add(bits, builder.add(_i32x16(0x7FFF), lsb))
+        high = builder.trunc(builder.lshr(rounded, _i32x16(16)), _I16X16)
+        builder.store(high, _element_pointer(context, builder, sig, args, _I16X16), align=2)
+
+    return types.void(array, row, col, value), codegen
+
+
+def _i32x16(value: int) -> ir.Constant:
+    return ir.Constant(_I32X16, [value] * LANES)
 
 
 @intrinsic
