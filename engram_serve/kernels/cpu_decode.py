@@ -113,12 +113,15 @@ def _decode_layer_kernel(
             for d in range(hd):
                 v_cache[block, offset, kv, d] = store(v_cache, qkv[s, base + d])
 
-    # A sequence and KV head a task: one sequence's attention takes both threads.
+    # A sequence a task, all its KV heads read together; a lone sequence a KV head a task, so
+    # that it takes every thread.
     attn = np.empty((num_seqs, kv_heads, group, hd), np.float32)
-    for task in numba.prange(num_seqs * kv_heads):
-        s, head = task // kv_heads, task % kv_heads
-        attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, s, s + 1, head,
-                         head + 1, attn)  # fmt: skip
+    heads_per_task = kv_heads if num_seqs > 1 else 1
+    tasks_per_seq = kv_heads // heads_per_task
+    for task in numba.prange(num_seqs * tasks_per_seq):
+        s, first = task // tasks_per_seq, (task % tasks_per_seq) * heads_per_task
+        attention_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, s, s + 1, first,
+                         first + heads_per_task, attn)  # fmt: skip
     proj = np.empty((num_seqs, dim), np.float32)
     attn_rows = attn.reshape((num_seqs, heads * hd))
     for tile in numba.prange(tile_count(o_w, heads * hd)):
