@@ -4,7 +4,7 @@ or windows of real text (`--prompts text`), ignore_eos; output tokens per second
 measures, side by side on the same model and requests:
 
 - our engine (Engram on, tables as configured) and our engine with Engram off, in `--rounds`
-  alternating runs (A B B A ...), averaged, and with `--also` the engine in other dtypes and
+  alternating runs (A B B A ...), their median, and with `--also` the engine in other dtypes and
   weight formats (`bfloat16/gguf`, `float32/none`, ...) in the same alternation;
 - Hugging Face transformers' batched `generate` in each of `--hf-dtype` (batches of `--hf-batch`
   prompts, left-padded, each batch generating its longest requested output, as vLLM's HF backend
@@ -392,12 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"round {round_ + 1}/{args.rounds} {name}: {seconds[name][-1]:.1f} s")
     del runners, hf_models  # transformers' models freed before the single-stream runs
     for name in seconds:
-        mean = sum(seconds[name]) / len(seconds[name])
+        median = float(np.median(seconds[name]))  # a round in a slow spell moves it least
         results[name] = {
-            "seconds": mean,
+            "seconds": median,
             "seconds_per_round": seconds[name],
-            "output_tok_s": workload.num_output_tokens / mean,
-            "total_tok_s": (workload.num_output_tokens + workload.num_prompt_tokens) / mean,
+            "output_tok_s": workload.num_output_tokens / median,
+            "total_tok_s": (workload.num_output_tokens + workload.num_prompt_tokens) / median,
         }
     for name, engine in engines.items():
         results[name]["preemptions"] = engine.scheduler.num_preemptions
