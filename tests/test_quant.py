@@ -266,6 +266,47 @@ def test_the_banded_path_crosses_bands(monkeypatch):
     _assert_close_to_float64(cpu_quant.linear(x, weight), x, want)
 
 
+def test_batched_decode_layer_runs_its_products_in_bfloat16_bands(monkeypatch):
+    """From cpu_quant.BFLOAT16_BAND_MIN_ROWS sequences, a layer of quantized matrices decodes
+    with its four products banded in bfloat16 (torch) between compiled steps: the fused float32
+    layer's output and K/V within bfloat16's rounding (x and W rounded to 8 bits, the products'
+    sums too), where a misplaced norm, RoPE or residual would be off by O(1)."""
+    from engram_serve.kernels import cpu_decode
+
+    dim, heads, kv_heads, hd, ff = 256, 4, 2, 64, 256
+    num_seqs = cpu_quant.BFLOAT16_BAND_MIN_ROWS + 3
+    parts = {"qkv": ((heads + 2 * kv_heads) * hd, dim), "o_proj": (dim, heads * hd),
+             "gate_up": (2 * ff, dim), "down": (dim, ff)}  # fmt: skip
+    weights = {}
+    for seed, (name, (n, k)) in enumerate(parts.items()):
+        weight, values = _weight("q8_0", n, k, seed=seed)
+        # A power of two (exact) that keeps the activations moderate through the layer.
+        weights[name] = _scaled(
+            weight, np.float32(2.0 ** np.floor(np.log2(0.5 / np.abs(values).max())))
+        )
+    banded = []
+    monkeypatch.setattr(cpu_quant, "_banded", _counting(cpu_quant._banded, banded))
+    outputs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h, layer, rope, (k, v), meta = _decode_case(weights, dim, kv_heads, hd, num_seqs, num_seqs)
+        step = cpu_decode.decode_step(*rope, **meta, k_cache=k)
+        fused = cpu_decode.bind(layer, 1e-6, k, v, scale=hd**-0.5)
+        outputs[dtype] = (cpu_decode.decode_layer(h, fused, step, dtype), k, v)
+    assert len(banded) == 4  # the bfloat16 layer's four products, none of the float32 one's
+    (want, want_k, want_v), (got, got_k, got_v) = outputs.values()
+    assert not torch.equal(got, want)
+    for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+        torch.testing.assert_close(a, b, atol=0.03 * b.abs().max().item(), rtol=0.02)
+
+
+def _counting(fn, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
 def test_bfloat16_stores_round_as_torch_converts():
     """cpu_vector.store_bf16 against torch's float32 -> bfloat16 conversion, bit for bit: ties
     (half a bfloat16 step) to even both ways, signs, a subnormal, the largest finite values."""

@@ -78,6 +78,11 @@ DEQUANTIZED_TILE_ROWS = 16
 # prefill weights in one band: with 1 M its 4 prefill steps of 2,048 tokens took 3.66-3.95 s,
 # with 4 M 3.42-3.50 (3 rounds each, alternating; 2-core Xeon family 6 model 167).
 BAND_MIN_ROWS = MAX_ROWS
+# bfloat16 products run banded from this many rows, batched decode included. The default model's
+# four layer matrices, float32 tiles against bfloat16 bands (oneDNN on AMX), ms: 8 rows 0.46 /
+# 0.75, 16 0.70 / 0.84, 24 0.83 / 0.88, 32 1.15 / 0.91, 48 1.46 / 1.15, 64 2.85 / 1.65, 128
+# 4.94 / 1.85 (2-core Xeon family 6 model 167).
+BFLOAT16_BAND_MIN_ROWS = 32
 BAND_ELEMENTS = 1 << 22
 _SUPER = 256  # values in a K-quant super-block (Q4_K, Q6_K)
 # 4-bit blocks dequantized by looking their codes up in the block's 16 values (one VPERMPS per
@@ -619,20 +624,26 @@ def linear(
     weight: QuantizedWeight,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     num_threads: int | None = None,  # None: torch's thread count
-    prefill_dtype: torch.dtype = torch.float32,  # the matmuls' above BAND_MIN_ROWS rows
+    prefill_dtype: torch.dtype = torch.float32,  # the banded products' (`banded`)
 ) -> torch.Tensor:  # [M, N] float32
     if not supports(x, weight):
         raise ValueError(
             f"linear needs float32 CPU x [M >= 1, K] and a QuantizedWeight [N, K], got x "
             f"{_tensor(x)} and {weight!r:.80}"
         )
-    if x.shape[0] > BAND_MIN_ROWS:
+    if banded(x.shape[0], prefill_dtype):
         out = _banded(x, weight, num_threads, prefill_dtype)
     else:
         out = torch.empty(x.shape[0], weight.shape[0])
         x_np = x.detach().contiguous().numpy()
         launch_parallel(_linear_kernel, x_np, weight.arrays, out.numpy(), num_threads=num_threads)
     return out if bias is None else out.add_(bias)
+
+
+def banded(rows: int, dtype: torch.dtype) -> bool:
+    """Whether linear() multiplies `rows` rows of x by torch on dequantized bands of W, in
+    `dtype`, rather than with its float32 tiles."""
+    return rows > BAND_MIN_ROWS or (dtype == torch.bfloat16 and rows >= BFLOAT16_BAND_MIN_ROWS)
 
 
 def _tensor(x: object) -> str:

@@ -35,8 +35,9 @@ _prefill_dtype: ContextVar[torch.dtype] = ContextVar("prefill_dtype", default=to
 
 @contextmanager
 def prefill_in(dtype: torch.dtype) -> Iterator[None]:
-    """Within: quantized products of prefill-sized inputs (cpu_quant.BAND_MIN_ROWS rows or
-    more) run in `dtype` (bfloat16: oneDNN on AMX or AVX512-BF16), on this thread only."""
+    """Within: quantized products of many rows (cpu_quant.banded: prefill, and in bfloat16
+    batched decode too) run in `dtype` (bfloat16: oneDNN on AMX or AVX512-BF16), on this thread
+    only."""
     token = _prefill_dtype.set(dtype)
     try:
         yield
@@ -68,3 +69,8 @@ def set_fused(module: nn.Module, name: str, value: Weight | None) -> None:
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def current_prefill_dtype() -> torch.dtype:
+    """prefill_in's dtype on this thread (float32 outside it)."""
+    return _prefill_dtype.get()

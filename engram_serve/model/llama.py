@@ -29,6 +29,7 @@ from engram_serve.model.linear import (
     Linear,
     QuantizedWeight,
     Weight,
+    current_prefill_dtype,
     linear,
     prefill_in,
     set_fused,
@@ -224,7 +225,7 @@ class LlamaDecoderLayer(nn.Module):
             h = self.apply_engram(h, batch)
         fused = None if decode is None else self.fused_layer(batch.cache)
         if fused is not None:
-            return cpu_decode.decode_layer(h, fused, decode)
+            return cpu_decode.decode_layer(h, fused, decode, current_prefill_dtype())
         h = h + self.self_attn(self.input_layernorm(h), rope, batch)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -331,7 +332,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         with prefill_in(self.prefill_dtype):
             h = self.model(batch)[batch.logits_indices]  # [S', D]: skip lm_head on other tokens
-            return self.lm_head(self.model.norm(h)).float()  # [S', vocab]
+        # The logits' products stay float32: rounded to bfloat16 (a step of 0.06 at 10),
+        # near-equal logits would swap and change greedy text.
+        return self.lm_head(self.model.norm(h)).float()  # [S', vocab]
 
 
 def _check_config(config: ModelConfig, engram_config: EngramConfig | None) -> None:
