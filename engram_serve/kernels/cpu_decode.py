@@ -18,7 +18,10 @@ eager layers (3 runs of 64 tokens each, alternating, same process).
 
 Any of the four matrices may be a QuantizedWeight instead (kernels/cpu_quant.py's block-quantized
 tiles, picked by the weight tuple's type when numba compiles the layer: one compiled layer per
-combination of weight kinds); float32 ones run cpu_linear's tiles as before.
+combination of weight kinds); float32 ones run cpu_linear's tiles as before. From
+cpu_quant.BFLOAT16_BAND_MIN_ROWS sequences, when the model's products run in bfloat16, a layer of
+quantized matrices runs them banded in torch (AMX) between the same compiled steps instead
+(`_banded_layer`).
 """
 
 from __future__ import annotations
@@ -275,9 +278,8 @@ def decode_layer(
             f"decode_layer needs float32 CPU tensors and 1..{MAX_ROWS} sequences, one a slot, got "
             f"h {h.dtype} {tuple(h.shape)} on {h.device} for {step.slots.shape[0]} slots"
         )
-    matrices = [getattr(layer.source, name) for name in MATMUL_WEIGHTS]
     if cpu_quant.banded(h.shape[0], products_dtype) and all(
-        isinstance(m, QuantizedWeight) for m in matrices
+        isinstance(getattr(layer.source, name), QuantizedWeight) for name in MATMUL_WEIGHTS
     ):
         return _banded_layer(h, layer, step, products_dtype)
     out = torch.empty_like(h)
@@ -305,17 +307,16 @@ def _banded_layer(
     """_decode_layer_kernel's steps with its four products banded in `dtype` by
     cpu_quant.linear. At 64 sequences of the default model on AMX: 1.65 ms of products a layer
     against 2.85 on the float32 tiles."""
-    w, arrays = layer.source, layer.weights
-    h_np = h.contiguous().numpy()
+    w, arrays = layer.source, LayerWeights(*layer.weights)
     x = torch.empty_like(h)
-    _rms_norm(h_np, arrays[0], layer.eps, x.numpy())
+    _rms_norm(h.contiguous().numpy(), arrays.input_norm, layer.eps, x.numpy())
     qkv = cpu_quant.linear(x, w.qkv, w.qkv_bias, prefill_dtype=dtype)  # the bias added here
     attn = launch_parallel(
-        _attention_step, qkv.numpy(), arrays[3], arrays[4], step.cos, step.sin, layer.k_cache,
-        layer.v_cache, step.slots, step.tables, step.lens, layer.eps, layer.scale,
+        _attention_step, qkv.numpy(), arrays.q_norm, arrays.k_norm, step.cos, step.sin,
+        layer.k_cache, layer.v_cache, step.slots, step.tables, step.lens, layer.eps, layer.scale,
     )  # fmt: skip
     h = h + cpu_quant.linear(torch.from_numpy(attn), w.o_proj, prefill_dtype=dtype)
-    _rms_norm(h.numpy(), arrays[6], layer.eps, x.numpy())
+    _rms_norm(h.numpy(), arrays.post_norm, layer.eps, x.numpy())
     gate_up = cpu_quant.linear(x, w.gate_up, prefill_dtype=dtype)
     act = launch_parallel(_swiglu_step, gate_up.numpy())
     return h.add_(cpu_quant.linear(torch.from_numpy(act), w.down, prefill_dtype=dtype))
