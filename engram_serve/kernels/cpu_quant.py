@@ -15,8 +15,9 @@ those of the dequantized weights, summed in another order:
   load, 16 conversions and 32 FMAs on 512-bit registers (checked with inspect_asm).
 - DEQUANTIZED_TILE_ROWS..BAND_MIN_ROWS rows: the tile dequantized once into L1, then
   kernels/cpu_linear.py's tile (so the output equals cpu_linear's on dequantize(), bit for bit).
-- more rows (prefill): bands of BAND_ELEMENTS weights dequantized into one buffer and multiplied
-  by torch: in float32 (MKL), or in bfloat16 (oneDNN), dequantized straight into bfloat16.
+- more rows (prefill; products in bfloat16 from BFLOAT16_BAND_MIN_ROWS rows, batched decode
+  too): bands of BAND_ELEMENTS weights dequantized into one buffer and multiplied by torch: in
+  float32 (MKL), or in bfloat16 (oneDNN), dequantized straight into bfloat16.
 
 All the default model's matmuls (`python -m engram_serve.bench.kernels --quant`), on a 2-vCPU
 KVM "Intel(R) Xeon(R) Processor" (family 6, model 167; AVX-512, AMX), one thread
@@ -73,10 +74,11 @@ QUANTIZABLE = ("q4_0", "q4_1", "q8_0")  # what gguf-py's reference quantizer imp
 BLOCK = 32  # the kernels' unit along K: every format's blocks split into blocks of 32
 TILE = 8  # weight rows per tile
 DEQUANTIZED_TILE_ROWS = 16
-# Above this many rows of x, linear() dequantizes bands of BAND_ELEMENTS weights into a buffer
-# and multiplies with torch (_banded). 4 M (16 MB in float32) keeps each of the default model's
-# prefill weights in one band: with 1 M its 4 prefill steps of 2,048 tokens took 3.66-3.95 s,
-# with 4 M 3.42-3.50 (3 rounds each, alternating; 2-core Xeon family 6 model 167).
+# Above this many rows of x (float32 products), linear() dequantizes bands of BAND_ELEMENTS
+# weights into a buffer and multiplies with torch (_banded). 4 M (16 MB in float32) keeps each
+# of the default model's prefill weights in one band: with 1 M its 4 prefill steps of 2,048
+# tokens took 3.66-3.95 s, with 4 M 3.42-3.50 (3 rounds each, alternating; 2-core Xeon family 6
+# model 167).
 BAND_MIN_ROWS = MAX_ROWS
 # bfloat16 products run banded from this many rows, batched decode included. The default model's
 # four layer matrices, float32 tiles against bfloat16 bands (oneDNN on AMX), ms: 8 rows 0.46 /
