@@ -173,3 +173,13 @@ class PagedRun:
             fresh_state_slots=torch.tensor(fresh, dtype=long),
             engram_rows=self.make_rows(where) if self.make_rows else None,
         )
+
+
+def counting(fn: Callable, calls: list) -> Callable:
+    """fn, noting each call in `calls`."""
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted

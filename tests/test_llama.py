@@ -15,6 +15,7 @@ import torch
 from helpers import (
     PagedRun,
     attention_metadata,
+    counting,
     hf_logits,
     model_config_of,
     randomize_,
@@ -145,7 +146,7 @@ def test_decode_steps_run_the_fused_layer_and_equal_the_unfused_one(case, monkey
     batch = run.build_batch({s: 1 for s in range(len(sequences))})
     assert batch.attn.is_decode_only
     calls = []
-    monkeypatch.setattr(cpu_decode, "decode_layer", _counting(cpu_decode.decode_layer, calls))
+    monkeypatch.setattr(cpu_decode, "decode_layer", counting(cpu_decode.decode_layer, calls))
     h = model.model.embed_tokens(batch.token_ids)
     rope = model.model.rotary_emb(batch.positions, h.dtype)
     meta = batch.attn
@@ -168,14 +169,6 @@ def test_decode_steps_run_the_fused_layer_and_equal_the_unfused_one(case, monkey
                 assert not torch.equal(got, old)  # this step's K/V were written
             h = unfused
     assert len(calls) == model.config.num_hidden_layers
-
-
-def _counting(fn, calls):
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-
-    return counted
 
 
 def test_config_read_from_directory(case):

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import counting
 
 from engram_serve.kernels import cpu_quant
 from engram_serve.kernels.cpu_quant import FORMATS, QUANTIZABLE, QuantizedWeight
@@ -285,7 +286,7 @@ def test_batched_decode_layer_runs_its_products_in_bfloat16_bands(monkeypatch):
             weight, np.float32(2.0 ** np.floor(np.log2(0.5 / np.abs(values).max())))
         )
     banded = []
-    monkeypatch.setattr(cpu_quant, "_banded", _counting(cpu_quant._banded, banded))
+    monkeypatch.setattr(cpu_quant, "_banded", counting(cpu_quant._banded, banded))
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
         h, layer, rope, (k, v), meta = _decode_case(weights, dim, kv_heads, hd, num_seqs, num_seqs)
@@ -297,14 +298,6 @@ def test_batched_decode_layer_runs_its_products_in_bfloat16_bands(monkeypatch):
     assert not torch.equal(got, want)
     for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
         torch.testing.assert_close(a, b, atol=0.03 * b.abs().max().item(), rtol=0.02)
-
-
-def _counting(fn, calls):
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-
-    return counted
 
 
 def test_bfloat16_stores_round_as_torch_converts():
