@@ -192,6 +192,9 @@ SEQ_LENS = {
     "five": ([9, 1, 17, 5, 12], [3, 1, 17, 1, 12]),
     # Twelve of very different lengths, padded in one decode call to the longest.
     "twelve": ([3, 40, 7, 1, 33, 18, 2, 25, 9, 38, 4, 12], [1, 5, 1, 1, 33, 1, 2, 1, 1, 4, 1, 1]),
+    # Whole prompts of one length in runs (one attention call each run), broken by a sequence
+    # with a past, a decoder and a prompt of another length.
+    "runs": ([6, 6, 6, 9, 6, 6, 3, 6, 5, 6], [6, 6, 6, 4, 6, 6, 1, 6, 5, 6]),
 }
 
 
