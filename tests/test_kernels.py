@@ -715,6 +715,30 @@ def test_model_linear_runs_the_kernel_up_to_max_rows_and_mkl_beyond():
     )
 
 
+def test_float32_weights_among_quantized_ones_multiply_as_they_do_in_bfloat16():
+    """Under bfloat16 products (a quantized model's, model/linear.prefill_in), a float32 weight
+    such as Engram's wkv runs its products of cpu_quant.BFLOAT16_BAND_MIN_ROWS rows or more in
+    bfloat16 too: the float64 product of the rounded x and W, rounded once more to bfloat16;
+    fewer rows stay float32."""
+    import torch.nn.functional as F
+
+    from engram_serve.kernels.cpu_quant import BFLOAT16_BAND_MIN_ROWS
+    from engram_serve.model.linear import linear, prefill_in
+
+    gen = _gen(9)
+    weight, bias = torch.randn(40, 64, generator=gen), torch.randn(40, generator=gen)
+    few, many = (torch.randn(n, 64, generator=gen) for n in (3, BFLOAT16_BAND_MIN_ROWS))
+    with prefill_in(torch.bfloat16):
+        got_few, got_many = linear(few, weight, bias), linear(many, weight, bias)
+    assert torch.equal(got_few, linear(few, weight, bias))  # float32, as outside the context
+    x, w, b = (t.bfloat16().double() for t in (many, weight, bias))
+    want = F.linear(x, w, b)
+    # float32 sums of 64 products in any order, then one rounding to bfloat16
+    bound = 64 * 2.0**-24 * F.linear(x.abs(), w.abs(), b.abs()) + 2.0**-8 * want.abs()
+    assert got_many.dtype == torch.float32 and not torch.equal(got_many, linear(many, weight, bias))
+    assert ((got_many.double() - want).abs() <= bound * (1 + 2.0**-8)).all()
+
+
 # --- CPU fused decode layer (its output against the eager layer: tests/test_llama.py) -----
 
 

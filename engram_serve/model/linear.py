@@ -1,5 +1,6 @@
 """`linear(x, weight, bias)`: `F.linear`, through the CPU kernels where they apply: a weight kept
-quantized (kernels/cpu_quant.py) always, a float32 one for small batches (kernels/cpu_linear.py);
+quantized (kernels/cpu_quant.py) always, a float32 one for small batches (kernels/cpu_linear.py)
+unless prefill_in's dtype runs its batch's products, as the quantized weights' beside it;
 `Linear`: an `nn.Linear` that calls it. `Weight` is either kind; `set_weight` and `set_fused`
 put one on a module."""
 
@@ -25,6 +26,14 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
             return x.new_empty(0, weight.shape[0])
         dtype = _prefill_dtype.get()
         return cpu_quant.linear(x.float(), weight, bias, prefill_dtype=dtype).to(x.dtype)
+    dtype = _prefill_dtype.get()
+    if (
+        weight.dtype == torch.float32
+        and dtype != torch.float32
+        and cpu_quant.banded(x.shape[0], dtype)
+    ):  # a float32 weight among quantized ones (Engram's wkv): its products as theirs
+        wide = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        return wide.to(x.dtype)
     if cpu_linear.supports(x, weight):
         return cpu_linear.linear_cpu(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -35,9 +44,9 @@ _prefill_dtype: ContextVar[torch.dtype] = ContextVar("prefill_dtype", default=to
 
 @contextmanager
 def prefill_in(dtype: torch.dtype) -> Iterator[None]:
-    """Within: quantized products of many rows (cpu_quant.banded: prefill, and in bfloat16
-    batched decode too) run in `dtype` (bfloat16: oneDNN on AMX or AVX512-BF16), on this thread
-    only."""
+    """Within: products of many rows (cpu_quant.banded: prefill, and in bfloat16 batched decode
+    too) of quantized weights, and of float32 ones among them, run in `dtype` (bfloat16: oneDNN
+    on AMX or AVX512-BF16), on this thread only."""
     token = _prefill_dtype.set(dtype)
     try:
         yield
