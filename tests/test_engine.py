@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engram_serve.config import EngineConfig
 from engram_serve.engine.engine import RequestTooLongError
@@ -148,6 +149,25 @@ def test_abort_frees_kv_blocks(llm):
     assert engine.blocks.num_free_blocks == free_before
     assert not engine.has_unfinished_requests()
     assert engine.abort_request(request.request_id) is None
+
+
+def test_warm_up_builds_the_batched_decode_kernels_where_they_run(default_model_dir, monkeypatch):
+    """A CPU with bfloat16 products decodes a batch of 32 through the banded layer
+    (kernels/cpu_decode._banded_layer): the warm-up's batch runs it, so that it compiles before
+    a client's batch does. Without bfloat16 products it never runs."""
+    from engram_serve.kernels import cpu_decode
+
+    llm = LLM(default_model_dir, max_num_seqs=32, kv_cache_bytes=256 << 20, max_model_len=2048)
+    banded, original = [], cpu_decode._banded_layer
+
+    def counted(*args, **kwargs):
+        banded.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_decode, "_banded_layer", counted)
+    llm.engine.warm_up()
+    assert bool(banded) == (llm.engine.model.prefill_dtype == torch.bfloat16)
+    llm.engine.close()
 
 
 def test_warm_up_runs_a_decode_step_and_leaves_the_engine_as_it_was(llm, monkeypatch):

@@ -33,6 +33,9 @@ from engram_serve.offload.tiers import TableReadError
 from engram_serve.offload.uploads import Uploader
 
 logger = logging.getLogger(__name__)
+# Sequences in the warm-up's batch: enough for the batched kernels (the CPU's bfloat16 decode
+# products run from kernels/cpu_quant.BFLOAT16_BAND_MIN_ROWS = 32 sequences).
+WARM_UP_BATCH = 32
 
 __all__ = ["Engine", "EngramRuntime", "QueueFullError", "RequestTooLongError"]
 
@@ -148,19 +151,22 @@ class Engine:
         return request
 
     def warm_up(self) -> None:
-        """Run one request of two tokens, a prefill step and a decode step, so that the compiled
-        kernels are built (or loaded from their caches) before a client waits on them: on a
-        fresh machine the CPU decode layer takes ~35 s to compile. Its tokens are not counted in
-        `stats` (the server's token metrics start at zero); its Engram rows are (they were
-        read)."""
+        """Run requests of two tokens, a prefill step and a decode step each: one alone, then
+        WARM_UP_BATCH together (at most max_num_seqs), so that the compiled kernels of both a
+        single sequence and a batch are built (or loaded from their caches) before a client
+        waits on them: on a fresh machine the CPU decode layer takes ~35 s to compile, the
+        batched bfloat16 one ~5 s more. Their tokens are not counted in `stats` (the server's
+        token metrics start at zero); their Engram rows are (they were read)."""
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up runs before any request is added")
         start = time.perf_counter()
-        logger.info("warming up: one prefill and one decode step (compiles kernels on first use)")
+        logger.info("warming up: one sequence, then a batch (compiles kernels on first use)")
         greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        self.add_request([0] * 4, greedy, request_id=f"warm-up-{next(self._request_ids)}")
-        while self.has_unfinished_requests():
-            self.step()
+        for batch in (1, min(WARM_UP_BATCH, self.config.max_num_seqs)):
+            for _ in range(batch):
+                self.add_request([0] * 4, greedy, request_id=f"warm-up-{next(self._request_ids)}")
+            while self.has_unfinished_requests():
+                self.step()
         self.stats = StepStats()
         _release_freed_heap()
         logger.info("warmed up in %.1f s", time.perf_counter() - start)
