@@ -21,12 +21,11 @@ Weight = torch.Tensor | QuantizedWeight
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    dtype = _prefill_dtype.get()
     if isinstance(weight, QuantizedWeight):  # the kernels take and give float32 activations
         if x.shape[0] == 0:  # a step that samples nothing (prefill chunks only)
             return x.new_empty(0, weight.shape[0])
-        dtype = _prefill_dtype.get()
         return cpu_quant.linear(x.float(), weight, bias, prefill_dtype=dtype).to(x.dtype)
-    dtype = _prefill_dtype.get()
     if (
         weight.dtype == torch.float32
         and dtype != torch.float32
