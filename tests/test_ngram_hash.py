@@ -119,3 +119,11 @@ def test_lookback_pads_the_sequence_start():
     assert hasher.lookback(np.array([7])).tolist() == [pad, pad, 7]
     assert hasher.lookback(np.array([6, 7])).tolist() == [pad, 6, 7]
     assert hasher.lookback(np.array([1, 2, 3, 4, 5])).tolist() == [3, 4, 5]
+
+
+def test_raw_lookback_compresses_to_the_lookback_of_the_compressed_history():
+    hasher = NgramHasher(SMALL, LOOKUP)
+    raw = [11, 42, 7, 300, 5]
+    for start in range(len(raw) + 1):
+        want = hasher.lookback(hasher.compress(np.array(raw[:start], dtype=np.int64)))
+        np.testing.assert_array_equal(hasher.compress(hasher.raw_lookback(raw, start)), want)

@@ -118,6 +118,13 @@ class NgramHasher:
         out[n - len(tail) :] = tail
         return out
 
+    def raw_lookback(self, raw_ids: list[int], start: int) -> list[int]:
+        """The N-1 raw ids before position `start` of a sequence's `raw_ids`, the pad token's
+        before its first: compressed, `lookback` of the compressed history (so a caller can
+        compress them with its tokens in one call)."""
+        n = self.lookback_len
+        return [self.config.pad_id] * (n - min(n, start)) + list(raw_ids[max(0, start - n) : start])
+
     def hash_packed(
         self, compressed_ids: np.ndarray, query_start_loc: np.ndarray, lookback: np.ndarray
     ) -> np.ndarray:
