@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from helpers import counting
 
 from engram_serve.config import EngineConfig
 from engram_serve.engine.engine import RequestTooLongError
@@ -158,13 +159,8 @@ def test_warm_up_builds_the_batched_decode_kernels_where_they_run(default_model_
     from engram_serve.kernels import cpu_decode
 
     llm = LLM(default_model_dir, max_num_seqs=32, kv_cache_bytes=256 << 20, max_model_len=2048)
-    banded, original = [], cpu_decode._banded_layer
-
-    def counted(*args, **kwargs):
-        banded.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_decode, "_banded_layer", counted)
+    banded = []
+    monkeypatch.setattr(cpu_decode, "_banded_layer", counting(cpu_decode._banded_layer, banded))
     llm.engine.warm_up()
     assert bool(banded) == (llm.engine.model.prefill_dtype == torch.bfloat16)
     llm.engine.close()
@@ -177,13 +173,8 @@ def test_warm_up_runs_a_decode_step_and_leaves_the_engine_as_it_was(llm, monkeyp
     prompt = "Water boils at"
     before = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
     free, stats = engine.blocks.num_free_blocks, engine.stats
-    fused, original = [], cpu_decode.decode_layer
-
-    def counted(*args, **kwargs):
-        fused.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_decode, "decode_layer", counted)
+    fused = []
+    monkeypatch.setattr(cpu_decode, "decode_layer", counting(cpu_decode.decode_layer, fused))
     engine.warm_up()
     assert fused, "the warm-up ran no decode step"
     assert not engine.has_unfinished_requests() and not engine.trackers
