@@ -47,7 +47,8 @@ class EngineConfig:
     max_waiting: int = 1024  # waiting-queue limit; beyond it add_request refuses
     seed: int = 0
     # The activations' dtype. "auto": bfloat16 for quantized weights on a CPU with bfloat16
-    # matmul instructions (their prefill-sized products only), else float32 (llm.py).
+    # matmul instructions (their products of many rows only: prefill, batched decode), else
+    # float32 (llm.py).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # The KV cache's element type. "auto": float16 on the CPU (half float32's bytes; the CPU
     # kernels convert in registers) and under a float32 model, else the model's dtype.

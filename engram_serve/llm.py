@@ -88,7 +88,9 @@ def build_engine(
         "weights %s, %s activations%s, KV cache %s on %s%s",
         quantization,
         dtype,
-        " (prefill-sized products; the rest float32)" if quantization != "none" else "",
+        " (products of many rows: prefill, batched decode; the rest float32)"
+        if quantization != "none"
+        else "",
         engine_config.cache_dtype,
         engine_config.device,
         f"; {bf16_matmul_path()}" if on_cpu_bf16 else "",

@@ -309,8 +309,8 @@ class LlamaForCausalLM(nn.Module):
         self.config, self.engram_config = config, engram_config
         self.model = LlamaModel(config, engram_config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        # The dtype of quantized weights' prefill-sized products (model/linear.prefill_in); the
-        # loader sets it.
+        # The dtype of quantized weights' products of many rows (prefill, batched decode:
+        # model/linear.prefill_in); the loader sets it.
         self.prefill_dtype = torch.float32
         self.tie_weights()
         if not self.lm_head.weight.is_meta:  # a meta model is fused by its loader, once real

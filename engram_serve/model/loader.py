@@ -169,8 +169,9 @@ def load_model(
     backbone from the directory's model.gguf with its block-quantized weights kept as they are;
     a format of kernels/cpu_quant.QUANTIZABLE quantizes the backbone's projections, embedding
     and head as they load (llama.cpp's reference quantizer). Quantized weights run on the CPU,
-    in float32 but for prefill-sized products, which run in `dtype` (bfloat16 on AMX or
-    AVX512-BF16 where asked): the model's other tensors are then float32.
+    in float32 but for products of many rows (prefill, batched decode: cpu_quant.banded), which
+    run in `dtype` (bfloat16 on AMX or AVX512-BF16 where asked): the model's other tensors are
+    then float32.
     """
     runtime = runtime or CpuRuntime()
     model_dir = Path(path)
