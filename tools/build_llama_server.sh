@@ -2,8 +2,10 @@
 # Build the llama.cpp peers of the CPU serving benchmarks (docs/cpu-serving.md) from the llama.cpp
 # vendored in the PyPI sdist of llama-cpp-python (the registries are all this workplace reaches):
 # llama-server, and llama-cpp-python itself (the sdist's Python package over the same llama.cpp
-# built as shared libraries, in a virtual environment of its own). AVX-512 build without AMX
-# (llama.cpp's AMX kernel crashed on our VMs). Never part of CI: about 14 minutes on 2 cores.
+# built as shared libraries, in a virtual environment of its own). The instruction set is the
+# host's, named explicitly (GGML_NATIVE=OFF): AVX-512 with VNNI and BF16 where the CPU has them,
+# else AVX2 with FMA and F16C (AVX-VNNI where present); never AMX (llama.cpp's AMX kernel crashed
+# on our VMs). Never part of CI: about 14 minutes on 2 cores.
 #
 #   tools/build_llama_server.sh [BUILD_DIR]      (default build/llama.cpp)
 #     -> BUILD_DIR/bin/llama-server
@@ -12,10 +14,19 @@ set -euo pipefail
 VERSION=0.3.36
 BUILD_DIR=${1:-build/llama.cpp}
 SRC_DIR=$BUILD_DIR/src
+has() { grep -qw "$1" /proc/cpuinfo; }
+on_off() { if has "$1"; then echo ON; else echo OFF; fi; }
+if has avx512f; then
+    ISA_FLAGS=(-DGGML_AVX512=ON -DGGML_AVX512_VNNI="$(on_off avx512_vnni)"
+        -DGGML_AVX512_BF16="$(on_off avx512_bf16)")
+else
+    ISA_FLAGS=(-DGGML_AVX512=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+        -DGGML_AVX_VNNI="$(on_off avx_vnni)")
+fi
 CMAKE_FLAGS=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
-    -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
-    -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+    "${ISA_FLAGS[@]}" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
+echo "llama.cpp instruction set: ${ISA_FLAGS[*]}" >&2
 mkdir -p "$BUILD_DIR"
 if [ ! -d "$SRC_DIR" ]; then
     python3 -m pip download --quiet --no-deps --no-binary :all: \
