@@ -6,7 +6,8 @@ bound by reading the weights (540 MB a step for the default model), and MKL's sg
 short, wide products poorly on this project's 2-core AVX2 machines: over the default model's
 weights it read 5.6 GB/s for one row and ran 44 GFLOP/s for 64, where this kernel read
 10.8 GB/s and ran 79 GFLOP/s (`python -m engram_serve.bench.kernels --linear`). The kernel
-walks the weight in tiles of 8 output rows (4 where K > 1024: 8 would not fit in L1), which stay
+walks the weight in tiles of 8 output rows (4 where K > 1024, where 8 would not fit in L1, and
+without AVX-512, where their sums would not fit in the registers; see WIDE_TILE_MAX_K), which stay
 in L1 while the input rows pass them two at a time: 16 (or 8) running sums, each vectorized
 along K; an odd last row (a single decoding sequence, too) keeps 8 (or 4) sums. On an AVX-512
 Xeon, against the earlier 4-row tiles with one sum for a lone row, in turns: 1.13-1.24x for the
@@ -22,12 +23,16 @@ import numba
 import numpy as np
 import torch
 
+from engram_serve.kernels.cpu_target import compiles_avx512
 from engram_serve.kernels.cpu_threads import launch_parallel
 
 MAX_ROWS = 256  # above this MKL's blocked sgemm is as fast or faster
 # A tile's output columns: 8 weight rows while they fit in L1 beside the input rows passing them
-# (8 x 1024 floats = 32 KiB), else 4.
-WIDE_TILE_MAX_K = 1024
+# (8 x 1024 floats = 32 KiB), else 4. Always 4 without AVX-512: a pair's 16 sums, one AVX2
+# register each, leave none of its 16 for the weights and spill; with 4 columns nothing spills
+# and the sums are the same. 2-core AMD EPYC (AVX2, no AVX-512), one thread, K = 576, 8 columns
+# against 4: 16 rows 37.9 / 69.4 GFLOP/s, 64 rows 37.3 / 72.2.
+WIDE_TILE_MAX_K = 1024 if compiles_avx512() else 0
 
 
 @numba.njit(inline="always")
