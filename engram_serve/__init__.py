@@ -8,9 +8,11 @@ import os
 # removes a placement effect that made otherwise equal engines differ by up to 6%.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from engram_serve.kernels.cpu_target import prefer_wide_vectors  # noqa: E402
+from engram_serve.config import cache_dir  # noqa: E402
+from engram_serve.kernels.cpu_target import key_cache_by_sources, prefer_wide_vectors  # noqa: E402
 
 prefer_wide_vectors()  # before any numba kernel compiles
+key_cache_by_sources(cache_dir() / "numba")
 
 from engram_serve.engine.request import (  # noqa: E402
     RequestOutput,

@@ -3,8 +3,17 @@ is ever written back here (run-time facts live in the objects that discover them
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+
+
+def cache_dir() -> Path:
+    """Where engram-serve keeps what it derives once and reuses: converted models, compression
+    tables, compiled kernels. $ENGRAM_SERVE_CACHE (the Docker image's one writable path) or
+    ~/.cache/engram-serve."""
+    return Path(os.environ.get("ENGRAM_SERVE_CACHE", Path.home() / ".cache" / "engram-serve"))
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def _converted_gguf(path: Path) -> Path:
     """A GGUF file converted once into the cache, keyed by its path, size and mtime."""
     import hashlib
 
-    from engram_serve.engram.compression import cache_dir
+    from engram_serve.config import cache_dir
     from engram_serve.model.gguf import convert_gguf
 
     stat = path.stat()

@@ -8,6 +8,7 @@ before anything imports triton (hence here, above the imports). With CUDA they r
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -841,3 +842,51 @@ def test_numba_compiles_for_this_cpu_with_wide_vectors_unless_told_otherwise(use
         assert features == llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
     else:
         assert features == user_features
+
+
+def test_numba_cache_is_keyed_by_every_numba_module(tmp_path):
+    """A compiled kernel that inlines another module's code (the fused decode layer inlines
+    cpu_quant's tiles) must not be loaded from the cache after an edit to that module: numba
+    itself checks only the kernel's own file. Run on a copy of the package in fresh
+    interpreters: the kernels' cache lands under $ENGRAM_SERVE_CACHE (or the user's
+    $NUMBA_CACHE_DIR), and an edit to cpu_half.py alone moves it."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    import engram_serve
+
+    root = tmp_path / "copy"
+    shutil.copytree(
+        Path(engram_serve.__file__).parent,
+        root / "engram_serve",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    # -S: the checkout's editable install would import the original package before the copy
+    site_packages = sysconfig.get_paths()["purelib"]
+    script = (
+        f"import sys; sys.path[:0] = [{str(root)!r}]; sys.path.append({site_packages!r})\n"
+        "import numba, numpy as np\n"
+        "from engram_serve.kernels.cpu_hash import ngram_hash_cpu\n"
+        "one = np.ones((1, 2), dtype=np.int64)\n"
+        "ngram_hash_cpu(np.arange(3), np.array([0, 3]), one[:, :1], one, one * 7)\n"
+        "print(numba.config.CACHE_DIR)\n"
+    )
+
+    def cache_dir(**env) -> Path:
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | env
+        command = [sys.executable, "-S", "-c", script]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        return Path(result.stdout.strip())
+
+    cache = tmp_path / "cache"
+    first = cache_dir(ENGRAM_SERVE_CACHE=str(cache))
+    assert first.parent == cache / "numba"
+    assert any(first.rglob("cpu_hash.*.nbi")), "the hash kernel was not cached there"
+
+    half = root / "engram_serve" / "kernels" / "cpu_half.py"
+    half.write_text(half.read_text() + "\n# an edit\n")
+    user = tmp_path / "numba-set-by-user"
+    edited = cache_dir(NUMBA_CACHE_DIR=str(user))
+    assert edited.parent == user and edited.name != first.name

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Regex, normalizers
+
+from engram_serve.config import cache_dir
 
 _SPACE_SENTINEL = "\ue000"  # keeps a token that is exactly one space from collapsing to ""
 
@@ -50,10 +51,6 @@ def build_compression(tokenizer) -> np.ndarray:
             key = normalize(text) or text
         lookup[token_id] = key_to_id.setdefault(key, len(key_to_id))
     return lookup
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ENGRAM_SERVE_CACHE", Path.home() / ".cache" / "engram-serve"))
 
 
 def load_compression(tokenizer) -> np.ndarray:

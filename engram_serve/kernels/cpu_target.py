@@ -11,7 +11,9 @@ AVX-512 the setting changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 FEATURES_ENV = "NUMBA_CPU_FEATURES"  # numba's own variable; a value set by the user wins
 
@@ -29,6 +31,31 @@ def prefer_wide_vectors() -> None:
     import numba
 
     numba.config.CPU_FEATURES = features  # in case numba was imported first
+
+
+def key_cache_by_sources(default_dir: Path) -> Path:
+    """Keep numba's compiled kernels in a directory named by a hash of the package's numba
+    modules, and return it. Must run before the first kernel module is imported.
+
+    numba checks a cached function against its own file only. The fused decode layer
+    (cpu_decode.py) inlines the tiles of cpu_quant.py and cpu_linear.py, so after an edit to a
+    tile the old fused layer still loaded from the cache and ran: a 1.2x faster tile did not
+    show until the cache was deleted by hand. Here any edit to any numba module gives every
+    kernel a new directory. The directory is under $NUMBA_CACHE_DIR where it is set (the Docker
+    image sets it), else under `default_dir`; where it cannot be written, numba falls back to
+    its own places.
+    """
+    import numba
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        source = path.read_bytes()
+        if b"numba" in source:
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + source)
+    base = os.environ.get("NUMBA_CACHE_DIR") or default_dir
+    numba.config.CACHE_DIR = str(Path(base) / digest.hexdigest()[:16])
+    return Path(numba.config.CACHE_DIR)
 
 
 def has_bf16_matmul() -> bool:

@@ -69,7 +69,7 @@ def default_model_dir(cache_root: str | Path | None = None, progress: bool = Tru
     is written last, and the directory appears by one rename, so an interrupted build is
     simply redone; a lock makes concurrent first calls build it once.
     """
-    from engram_serve.engram.compression import cache_dir
+    from engram_serve.config import cache_dir
 
     root = Path(cache_root) if cache_root is not None else cache_dir()
     target = root / MODEL_NAME
