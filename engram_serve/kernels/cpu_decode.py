@@ -40,6 +40,9 @@ from engram_serve.kernels.cpu_quant import QuantizedWeight, kernel_arrays, matmu
 from engram_serve.kernels.cpu_threads import launch_parallel
 
 MATMUL_WEIGHTS = ("qkv", "o_proj", "gate_up", "down")
+# An absent bias or q/k norm, as the kernels take it: an empty vector rather than None, so that
+# Llama, Qwen2 and Qwen3 layers share one compiled kernel (each is ~20 s of compilation).
+_ABSENT = np.empty(0, np.float32)
 
 
 class LayerWeights(NamedTuple):
@@ -77,7 +80,7 @@ def _decode_layer_kernel(
 ):  # fmt: skip
     """out = the layer applied to h `[S, D]` (token s is sequence s's); K/V written to the cache.
     The matrices are cpu_quant.matmul_tile's weight tuples; cos, sin `[S, hd/2]`; q/k norms and
-    the bias may be None."""
+    the bias may be empty (`_ABSENT`)."""
     num_seqs, dim = h.shape
     x = np.empty((num_seqs, dim), np.float32)
     _rms_norm(h, input_norm, eps, x)
@@ -119,14 +122,14 @@ def _attention(qkv, qkv_b, q_norm, k_norm, cos, sin, k_cache, v_cache, slots, bl
     # small loops took a quarter of a 64-sequence layer).
     q = np.empty((num_seqs, kv_heads, group, hd), np.float32)
     for s in numba.prange(num_seqs):
-        if qkv_b is not None:
+        if qkv_b.shape[0] > 0:
             for j in range(qkv.shape[1]):
                 qkv[s, j] += qkv_b[j]
         block, offset = slots[s] // block_size, slots[s] % block_size
         rotated = np.empty(hd, np.float32)
         for head in range(heads + kv_heads):
             vector = qkv[s : s + 1, head * hd : (head + 1) * hd]
-            if q_norm is not None:
+            if q_norm.shape[0] > 0:
                 _rms_norm(vector, q_norm if head < heads else k_norm, eps, vector)
             for d in range(half):
                 x1, x2 = vector[0, d], vector[0, half + d]
@@ -257,7 +260,7 @@ def bind(
         raise ValueError(f"the layer's matrices do not fit its hidden size {dim}: {shapes}")
     arrays = tuple(
         kernel_arrays(w) if name in MATMUL_WEIGHTS
-        else None if w is None else w.detach().contiguous().numpy()
+        else _ABSENT if w is None else w.detach().contiguous().numpy()
         for name, w in zip(LayerWeights._fields, weights, strict=True)
     )  # fmt: skip
     caches = as_bits(k_cache), as_bits(v_cache)
@@ -325,7 +328,7 @@ def _banded_layer(
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=True, boundscheck=False)
 def _attention_step(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, slots, block_tables,
                     seq_lens, eps, scale):  # fmt: skip
-    return _attention(qkv, None, q_norm, k_norm, cos, sin, k_cache, v_cache, slots,
+    return _attention(qkv, _ABSENT, q_norm, k_norm, cos, sin, k_cache, v_cache, slots,
                       block_tables, seq_lens, eps, scale)  # fmt: skip
 
 
