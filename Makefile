@@ -54,8 +54,13 @@ system-deps:
 serve: $(STAMP)
 	$(VENV)/bin/engram-serve serve
 
+# The suite on TEST_WORKERS processes (pytest-xdist), a test file to one worker so that its
+# module fixtures (servers, built models) are made once. A lone pytest kept CI's 2 cores ~1 busy:
+# much of the suite compiles kernels (one thread), starts servers or waits on them. On an AMD
+# EPYC with 2 cores: 22.5 min on one process, 15.5 on two.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Before anything is installed: a CUDA device, seen by any torch here (the GPU venv's, .venv's,
 # the system python's) or, where none has a CUDA build yet, listed by nvidia-smi. Else one line
