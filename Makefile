@@ -57,7 +57,7 @@ serve: $(STAMP)
 # The suite on TEST_WORKERS processes (pytest-xdist), a test file to one worker so that its
 # module fixtures (servers, built models) are made once. A lone pytest kept CI's 2 cores ~1 busy:
 # much of the suite compiles kernels (one thread), starts servers or waits on them. On an AMD
-# EPYC with 2 cores: 22.5 min on one process, 15.5 on two.
+# EPYC with 2 cores: 22.5 min on one process, 13 on two (pytest alone, cold numba cache).
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
