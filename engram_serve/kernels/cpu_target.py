@@ -39,11 +39,12 @@ def key_cache_by_sources(default_dir: Path) -> Path:
 
     numba checks a cached function against its own file only. The fused decode layer
     (cpu_decode.py) inlines the tiles of cpu_quant.py and cpu_linear.py, so after an edit to a
-    tile the old fused layer still loaded from the cache and ran: a 1.2x faster tile did not
-    show until the cache was deleted by hand. Here any edit to any numba module gives every
-    kernel a new directory. The directory is under $NUMBA_CACHE_DIR where it is set (the Docker
-    image sets it), else under `default_dir`; where it cannot be written, numba falls back to
-    its own places.
+    tile the old fused layer still loaded from the cache and ran: a tile made 1.25-1.6x faster
+    did not show until the cache was deleted by hand. Here any edit to any numba module gives
+    every kernel a new directory. The directory is under $NUMBA_CACHE_DIR where it is set (the
+    Docker image sets it), else under `default_dir`; where it cannot be written, numba falls
+    back to its own places. The setting is numba's, so it holds for every cached numba function
+    of the process.
     """
     import numba
 
