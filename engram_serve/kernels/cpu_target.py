@@ -33,9 +33,9 @@ def prefer_wide_vectors() -> None:
     numba.config.CPU_FEATURES = features  # in case numba was imported first
 
 
-def key_cache_by_sources(default_dir: Path) -> Path:
+def key_cache_by_sources(default_dir: Path) -> None:
     """Keep numba's compiled kernels in a directory named by a hash of the package's numba
-    modules, and return it. Must run before the first kernel module is imported.
+    modules (~3 ms at import). Must run before the first kernel module is imported.
 
     numba checks a cached function against its own file only. The fused decode layer
     (cpu_decode.py) inlines the tiles of cpu_quant.py and cpu_linear.py, so after an edit to a
@@ -56,7 +56,6 @@ def key_cache_by_sources(default_dir: Path) -> Path:
             digest.update(str(path.relative_to(package)).encode() + b"\0" + source)
     base = os.environ.get("NUMBA_CACHE_DIR") or default_dir
     numba.config.CACHE_DIR = str(Path(base) / digest.hexdigest()[:16])
-    return Path(numba.config.CACHE_DIR)
 
 
 def has_bf16_matmul() -> bool:
